@@ -1,0 +1,135 @@
+"""The one command line: `mfllm --help` lists the pipeline's commands.
+
+data -> simulate -> export / evaluate / compare; train; bench; forecast / intervene; serve.
+User mistakes print one clear line and exit non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mfllm.errors import MfllmError
+from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+
+def fail(e: MfllmError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code=getattr(e, "exit_code", 2))
+
+
+def _mount() -> None:
+    from mfllm.data.cli import data_app
+
+    app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
+    try:
+        from mfllm.evaluation.cli import compare_command, evaluate_command
+
+        app.command("evaluate")(evaluate_command)
+        app.command("compare")(compare_command)
+    except ImportError:  # pragma: no cover - the evaluation module is part of the package
+        pass
+    from mfllm.backends.server import serve_command
+
+    app.command("serve")(serve_command)
+    from mfllm.training.cli import train_app
+
+    app.add_typer(train_app, name="train", help="Train mfllm-mini, IB-Tune the mean-field model and the policy.")
+    for mod, name, attr in (("mfllm.bench.cli", "bench", "bench_app"),):
+        try:
+            sub = __import__(mod, fromlist=[attr])
+            app.add_typer(getattr(sub, attr), name=name, help="Benchmarks that print numbers (fidelity, throughput).")
+        except ImportError:
+            pass
+    for mod, cmds in (("mfllm.simulation.whatif_cli", ("forecast", "intervene")),):
+        try:
+            sub = __import__(mod, fromlist=list(cmds))
+            for c in cmds:
+                app.command(c)(getattr(sub, f"{c}_command"))
+        except ImportError:
+            pass
+
+
+@app.command()
+def simulate(
+    data: str = typer.Option(str(SAMPLE_DATA), help="Events: a CED folder, Rumdect file/folder or JSONL file/folder."),
+    out: Path = typer.Option(None, help="Run directory to create (config, mean field per step, every action)."),
+    events: str = typer.Option(None, help="Comma-separated event ids (see `mfllm data stats`)."),
+    split: str = typer.Option("all", help="train | val | test | all (deterministic by event id)."),
+    limit: int = typer.Option(None, help="At most this many events (after the split, in id order)."),
+    method: str = typer.Option("mf", help="mf (mean field) | state | recent | popular."),
+    meanfield: str = typer.Option("stats", help="Mean-field model: stats (no LLM) | llm (the summariser prompt)."),
+    backend: str = typer.Option("hf", help="hf (local transformers) | openai (any OpenAI-compatible server) | vllm."),
+    model: str = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name})."),
+    base_url: str = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."),
+    api: str = typer.Option("completions", help="openai backend: completions | chat."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key."),
+    step_size: int = typer.Option(16, help="Agents per step."),
+    time_window: float = typer.Option(None, help="Seconds per step instead of a fixed number of agents."),
+    warmup: int = typer.Option(48, help="Real actions fed to the mean field before the rollout."),
+    max_agents: int = typer.Option(None, help="Simulate at most this many rollout agents per event."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Seed: a run with a local model is reproducible."),
+    lang: str = typer.Option("zh", help="Prompt language: zh | en."),
+    teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
+    resume: Path = typer.Option(None, help="Continue an interrupted run directory (other options are ignored)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Simulate how a population reacts to events, step by step, with the mean-field loop.
+
+    Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
+    """
+    from mfllm.simulation.engine import SimConfig
+    from mfllm.simulation.runner import resume as resume_run
+    from mfllm.simulation.runner import simulate as run_sim
+
+    try:
+        if resume is not None:
+            s = resume_run(str(resume), progress=not quiet)
+            out = resume
+        else:
+            if out is None:
+                raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
+            cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
+                            time_window=time_window, lang=lang, seed=seed, temperature=temperature,
+                            teacher_forcing=teacher_forcing, max_rollout_agents=max_agents)
+            opts = {}
+            if backend == "openai":
+                opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env}
+            s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
+                        config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet)
+    except MfllmError as e:
+        raise fail(e) from None
+    except ValueError as e:  # pydantic validation of options
+        raise fail(MfllmError(str(e))) from None
+    err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A run directory."),
+           to: Path = typer.Option(..., "--to", help="Output JSONL: one object per agent action.")):
+    """Write every action of a run as JSONL: event_id, step, agent_id, time, phase, real_text, sim_text."""
+    from mfllm.store.run import RunStore, export_actions
+
+    try:
+        RunStore(run_dir).config()
+        n = export_actions(run_dir, to)
+    except MfllmError as e:
+        raise fail(e) from None
+    err.print(f"[green]wrote[/] {n} actions -> {to}")
+
+
+_mount()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The MF-LLM loop.
+
+For each event, actions are cut into steps (k agents or a time window). In warm-up the mean field
+and the history are fed the real actions; in rollout the policy writes each agent's action from
+(event, context, state), where the context is the method's (mean field m_t, recent, popular, none),
+and the mean field is updated from the step's (state, simulated action) pairs.
+
+Several events advance together: each round takes the next step of every active event and sends all
+their agents to the backend in one batched call (agents of one step share their prompt prefix).
+Seeds are derived per agent and per step, so the result does not depend on batching, and a resumed
+run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+
+from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
+from mfllm.data.schema import Event
+from mfllm.data.state import agent_state_text
+from mfllm.errors import ConfigError
+from mfllm.prompts.templates import policy_prefix, policy_suffix, target_to_action
+from mfllm.simulation.history import History
+from mfllm.simulation.interventions import Intervention
+from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldState, MeanFieldUpdate, make_meanfield
+from mfllm.simulation.methods import METHODS, Method, make_method
+from mfllm.simulation.steps import Step, plan_steps
+
+
+class SimConfig(BaseModel, extra="forbid"):
+    method: str = Field("mf", description="mf | state | recent | popular")
+    meanfield: str = Field("stats", description="stats | llm")
+    step_size: int = Field(16, ge=1)
+    warmup: int = Field(48, ge=0, description="real actions fed to the mean field before rollout")
+    time_window: float | None = Field(None, gt=0, description="seconds per step instead of k agents")
+    lang: str = "zh"
+    seed: int = 0
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(48, ge=1)
+    teacher_forcing: bool = Field(False, description="ablation: mean field fed real actions in rollout")
+    max_rollout_agents: int | None = Field(None, ge=0, description="simulate at most this many agents per event")
+    policy_adapter: str | None = None
+    meanfield_adapter: str | None = None
+    events_in_flight: int = Field(8, ge=1, description="events advanced together per batched round")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, stop=("\n",))
+
+
+def derive_seed(*parts: object) -> int:
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") & ((1 << 63) - 1)
+
+
+@dataclass
+class EventRun:
+    """One event's simulation state (bounded: history window + mean field)."""
+
+    event: Event
+    steps: Iterator[Step]
+    history: History
+    meanfield: MeanFieldState
+    next_step: int = 0
+    rollout_done: int = 0
+    done: bool = False
+    pending: Step | None = None
+    agents: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass
+class RunSummary:
+    events: int = 0
+    steps: int = 0
+    agents_simulated: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    empty_outputs: int = 0
+    interrupted: bool = False
+    per_event: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("events", "steps", "agents_simulated", "prompt_tokens",
+                                              "generated_tokens", "seconds", "empty_outputs", "interrupted", "per_event")}
+
+
+class Simulator:
+    def __init__(self, backend: Backend | None, config: SimConfig, meanfield: MeanFieldModel | None = None,
+                 interventions: list[Intervention] | None = None):
+        if config.method not in METHODS:
+            raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}", field="method")
+        self.backend, self.cfg = backend, config
+        self.method: Method = make_method(config.method)
+        self.meanfield = meanfield or make_meanfield(config.meanfield, lang=config.lang, backend=backend,
+                                                     **({"adapter": config.meanfield_adapter}
+                                                        if config.meanfield == "llm" else {}))
+        self.interventions = interventions or []
+        self.params = config.sampling()
+        self.window = max(m.history_window for m in METHODS.values())
+
+    # ------------------------------------------------------------------ setup / resume
+    def start(self, event: Event) -> EventRun:
+        return EventRun(event, plan_steps(event.actions, self.cfg.step_size, self.cfg.warmup, self.cfg.time_window),
+                        History(self.window), self.meanfield.initial(self.cfg.lang))
+
+    def restore(self, event: Event, records: list[dict]) -> EventRun:
+        """Rebuild an event's state from its finished step records (a resumed run)."""
+        run = self.start(event)
+        for rec in records:
+            step = next(run.steps, None)
+            if step is None or step.index != rec["step"]:
+                raise ConfigError(f"event {event.event_id}: the stored steps do not match the data; "
+                                  "was the data changed since the run started?")
+            for a, (_, text) in zip(rec["actions"], _fed(rec["actions"], rec["phase"], self.cfg.teacher_forcing),
+                                    strict=True):
+                run.history.add(a["action_id"], text, a.get("parent"), a.get("followers"), a["time"])
+                if rec["phase"] == "rollout" and not a.get("injected"):
+                    run.rollout_done += 1
+            run.meanfield = MeanFieldState.from_dict(rec["meanfield_state"])
+            run.next_step = rec["step"] + 1
+            run.agents += len(rec["actions"])
+        return run
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, events: Iterable[Event], sink: Callable[[dict], None], resume: dict[str, list[dict]] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunSummary:
+        """Simulate events; each finished step's record goes to `sink` (the run store) in order."""
+        resume = resume or {}
+        summary = RunSummary()
+        t0 = time.time()
+        queue = iter(events)
+        active: list[EventRun] = []
+        while True:
+            while len(active) < self.cfg.events_in_flight:
+                ev = next(queue, None)
+                if ev is None:
+                    break
+                run = self.restore(ev, resume[ev.event_id]) if ev.event_id in resume else self.start(ev)
+                active.append(run)
+                summary.events += 1
+            if not active:
+                break
+            for run in active:
+                run.pending = self._next_step(run)
+            live = [r for r in active if r.pending is not None]
+            if live:
+                for rec in self._round(live, summary):
+                    sink(rec)
+                    summary.steps += 1
+                if should_stop is not None and should_stop():
+                    summary.interrupted = True
+                    break
+            for r in active:
+                if r.pending is None:
+                    r.done = True
+                    summary.per_event[r.event.event_id] = {"agents": r.agents, "prompt_tokens": r.prompt_tokens,
+                                                           "generated_tokens": r.generated_tokens}
+            active = [r for r in active if not r.done]
+        summary.seconds = round(time.time() - t0, 3)
+        return summary
+
+    def _next_step(self, run: EventRun) -> Step | None:
+        step = next(run.steps, None)
+        if step is None:
+            return None
+        if step.phase == "rollout" and self.cfg.max_rollout_agents is not None:
+            left = self.cfg.max_rollout_agents - run.rollout_done
+            if left <= 0:
+                return None
+            step.actions = step.actions[:left]
+        return step
+
+    def _round(self, runs: list[EventRun], summary: RunSummary) -> list[dict]:
+        cfg, lang = self.cfg, self.cfg.lang
+        t0 = time.time()
+        requests: list[GenerationRequest] = []
+        plan = []  # per run: (step, actions, states, injected, request slice)
+        for run in runs:
+            step = run.pending
+            ev_id = run.event.event_id
+            actions = step.actions
+            for iv in self.interventions:
+                actions = iv.agents(ev_id, step.index, actions, derive_seed(cfg.seed, ev_id, step.index, "agents"))
+            injected = [inj for iv in self.interventions
+                        for inj in iv.injected(ev_id, step.index, derive_seed(cfg.seed, ev_id, step.index, "inject"))]
+            states = [agent_state_text(a.profile, lang, depth=a.depth) for a in actions]
+            lo = len(requests)
+            if step.phase == "rollout":
+                mf_text = run.meanfield.text
+                for iv in self.interventions:
+                    mf_text = iv.meanfield_text(ev_id, step.index, mf_text)
+                history = run.history
+                if injected:  # the injected posts are seen by this step's agents
+                    history = _with_injected(run.history, injected, ev_id, step.index)
+                prefix = policy_prefix(run.event.source.text, self.method.context(history, mf_text, lang), lang)
+                for a, st in zip(actions, states, strict=True):
+                    extra = [x for iv in self.interventions
+                             if (x := iv.instruction(ev_id, step.index, a, derive_seed(cfg.seed, ev_id, a.action_id, "instr")))]
+                    suffix_state = st + "".join(f"（{x}）" if lang == "zh" else f" ({x})" for x in extra)
+                    requests.append(GenerationRequest(prefix + policy_suffix(suffix_state, lang),
+                                                      seed=derive_seed(cfg.seed, ev_id, a.action_id),
+                                                      params=self.params, adapter=cfg.policy_adapter))
+            plan.append((run, step, actions, states, injected, lo, len(requests)))
+
+        completions = self.backend.generate(requests) if requests else []
+        if len(completions) != len(requests):
+            raise ConfigError(f"backend returned {len(completions)} completions for {len(requests)} requests")
+
+        updates, records = [], []
+        for run, step, actions, states, injected, lo, hi in plan:
+            ev_id = run.event.event_id
+            rows = []
+            for inj in injected:
+                rows.append({"agent_id": inj.agent_id, "action_id": f"inj-{step.index}-{len(rows)}", "time": None,
+                             "state": inj.state, "real_text": inj.text, "sim_text": inj.text, "parent": None,
+                             "followers": None, "prompt_tokens": 0, "generated_tokens": 0, "injected": True})
+            comps = completions[lo:hi]
+            for i, (a, st) in enumerate(zip(actions, states, strict=True)):
+                row = {"agent_id": a.agent_id, "action_id": a.action_id, "time": a.time, "state": st,
+                       "real_text": a.text, "sim_text": None, "parent": a.parent, "followers": a.profile.followers,
+                       "prompt_tokens": 0, "generated_tokens": 0}
+                if step.phase == "rollout":
+                    c = comps[i]
+                    line = c.text.split("\n", 1)[0]
+                    if not line.strip():
+                        summary.empty_outputs += 1
+                    row.update(sim_text=target_to_action(line, lang), prompt_tokens=c.prompt_tokens,
+                               generated_tokens=c.generated_tokens)
+                    run.prompt_tokens += c.prompt_tokens
+                    run.generated_tokens += c.generated_tokens
+                    summary.prompt_tokens += c.prompt_tokens
+                    summary.generated_tokens += c.generated_tokens
+                    summary.agents_simulated += 1
+                    run.rollout_done += 1
+                rows.append(row)
+            fed = _fed(rows, step.phase, cfg.teacher_forcing)
+            updates.append(MeanFieldUpdate(run.event.source.text, run.meanfield, fed,
+                                           seed=derive_seed(cfg.seed, ev_id, step.index, "mf")))
+            records.append(rows)
+
+        new_mfs = self.meanfield.update_many(updates) if updates else []
+        seconds = round((time.time() - t0) / max(1, len(plan)), 4)
+        out = []
+        for (run, step, *_), rows, mf in zip(plan, records, new_mfs, strict=True):
+            for r, (_, text) in zip(rows, _fed(rows, step.phase, cfg.teacher_forcing), strict=True):
+                run.history.add(r["action_id"], text, r["parent"], r["followers"], r["time"] or 0.0)
+            run.meanfield = mf
+            run.next_step = step.index + 1
+            run.agents += len(rows)
+            out.append({"event_id": run.event.event_id, "step": step.index, "phase": step.phase,
+                        "meanfield": mf.text, "meanfield_state": mf.to_dict(), "actions": rows, "seconds": seconds})
+        return out
+
+
+def _fed(rows: list[dict], phase: str, teacher_forcing: bool) -> list[tuple[str, str]]:
+    return [(r["state"], r["real_text"] if (phase == "warmup" or teacher_forcing or r.get("injected")) else r["sim_text"])
+            for r in rows]
+
+
+def _with_injected(history: History, injected, ev_id: str, step: int) -> History:
+    """A copy of the history with this step's injected posts appended (the original is updated later)."""
+    h = History(history.window)
+    for it in history.items:
+        h.items.append(it)
+    h.reposts_received = dict(history.reposts_received)
+    h.total = history.total
+    for i, inj in enumerate(injected):
+        h.add(f"inj-{step}-{i}", inj.text, None, None, 0.0)
+    return h

@@ -1,0 +1,173 @@
+"""Mean-field models: update m_t from m_{t-1} and the step's (state, action) pairs.
+
+- ``stats``: a deterministic text summary (no LLM): exponentially decayed label shares of the
+  actions so far (rules labeler), top keywords and a few example comments. Cheap, so a setup with a
+  small model or no LLM can still run MF, and it is what mfllm-mini was trained to read.
+- ``llm``: the paper's summariser: an LLM writes m_t (about 200 characters, six aspects) from
+  m_{t-1} and the step's pairs, through any backend (adapter "meanfield" where LoRA is loaded).
+
+A MeanFieldState is JSON-serialisable so a run can resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
+from mfllm.errors import BackendError, ConfigError
+from mfllm.evaluation.dimensions import DIMENSIONS
+from mfllm.prompts.templates import EXAMPLE_CHARS, clip, meanfield_prompt, strings, template
+
+
+@dataclass(slots=True)
+class MeanFieldState:
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MeanFieldState:
+        return cls(text=d["text"], data=d.get("data", {}))
+
+
+@dataclass(slots=True)
+class MeanFieldUpdate:
+    """One event's update request for this step."""
+
+    event_text: str
+    previous: MeanFieldState
+    pairs: list[tuple[str, str]]  # (agent state text, action text); "" = plain repost
+    seed: int = 0
+
+
+class MeanFieldModel(ABC):
+    name: str = "base"
+
+    def initial(self, lang: str = "zh") -> MeanFieldState:
+        return MeanFieldState(text=strings(lang)["empty_meanfield"])
+
+    @abstractmethod
+    def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
+        """One new state per update, in order (batched across events)."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+def _pct(x: float) -> int:
+    return int(round(100 * x))
+
+
+class StatsMeanField(MeanFieldModel):
+    name = "stats"
+
+    def __init__(self, lang: str = "zh", decay: float = 0.8, n_keywords: int = 5, n_examples: int = 2, labeler=None):
+        if not 0.0 <= decay <= 1.0:
+            raise ConfigError("decay must be in [0, 1]", field="meanfield.decay")
+        if labeler is None:
+            from mfllm.evaluation.labelers.rules import RulesLabeler
+
+            labeler = RulesLabeler()
+        self.labeler, self.lang, self.decay = labeler, lang, decay
+        self.n_keywords, self.n_examples = n_keywords, n_examples
+
+    def describe(self) -> dict:
+        return {"name": self.name, "decay": self.decay, "labeler": f"{self.labeler.name}-{self.labeler.version}"}
+
+    def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
+        texts = [a for u in updates for _, a in u.pairs]
+        labels = iter(self.labeler.label(texts))
+        return [self._update(u.previous, [(a, next(labels)) for _, a in u.pairs]) for u in updates]
+
+    def _update(self, prev: MeanFieldState, labelled: list) -> MeanFieldState:
+        d = prev.data
+        counts = {dim: {c: self.decay * d.get("counts", {}).get(dim, {}).get(c, 0.0) for c in cats}
+                  for dim, cats in DIMENSIONS.items()}
+        kw = Counter({k: self.decay * v for k, v in d.get("keywords", {}).items()})
+        examples = list(d.get("examples", []))
+        for text, lab in labelled:
+            if lab is None:
+                continue
+            for dim, cat in lab.labels.items():
+                if dim in counts and cat in counts[dim]:
+                    counts[dim][cat] += 1.0
+            kw.update(lab.keywords)
+            if text.strip():
+                examples.append(clip(text, EXAMPLE_CHARS))
+        examples = examples[-self.n_examples:]
+        kw = Counter(dict(kw.most_common(50)))  # bounded memory
+        data = {"n": d.get("n", 0) + len(labelled), "counts": counts, "keywords": dict(kw), "examples": examples}
+        return MeanFieldState(text=self.render(data), data=data)
+
+    def render(self, data: dict) -> str:
+        s = strings(self.lang)
+        if data["n"] == 0:
+            return s["empty_meanfield"]
+        share = {}
+        for dim, cats in data["counts"].items():
+            tot = sum(cats.values()) or 1.0
+            share[dim] = {c: v / tot for c, v in cats.items()}
+        emo = sorted(share["sentiment_state"].items(), key=lambda kv: -kv[1])[:3]
+        q = s["quote_open"], s["quote_close"]
+        return template("stats_meanfield", self.lang).format(
+            n=data["n"],
+            share=_pct(share["behavior_type"]["share"]),
+            comment=_pct(share["behavior_type"]["comment"]),
+            support=_pct(share["stance"]["support"]),
+            oppose=_pct(share["stance"]["oppose"]),
+            neutral=_pct(share["stance"]["neutral"]),
+            believe=_pct(share["belief_degree"]["believe"]),
+            doubt=_pct(share["belief_degree"]["doubt"]),
+            counter=_pct(share["rumor"]["counter"]),
+            emotions="".join(f"{s['emotions'][e]}{_pct(v)}%" for e, v in emo),
+            question=_pct(share["intent"]["question"]),
+            opinion=_pct(share["intent"]["opinion"]),
+            keywords=s["list_sep"].join(k for k, _ in Counter(data["keywords"]).most_common(self.n_keywords)) or s["none"],
+            examples="".join(f"{q[0]}{e}{q[1]}" for e in data["examples"]) or s["none"],
+        )
+
+
+class LLMMeanField(MeanFieldModel):
+    """The paper's summariser, through any backend. An empty summary is retried with a new seed, then fails."""
+
+    name = "llm"
+
+    def __init__(self, backend: Backend, lang: str = "zh", params: SamplingParams | None = None,
+                 adapter: str | None = None, retries: int = 2):
+        self.backend, self.lang, self.adapter, self.retries = backend, lang, adapter, retries
+        self.params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=160, stop=("\n",))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "adapter": self.adapter, "max_new_tokens": self.params.max_new_tokens}
+
+    def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
+        prompts = [meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang) for u in updates]
+        out: list[MeanFieldState | None] = [None] * len(updates)
+        todo = list(range(len(updates)))
+        for attempt in range(self.retries + 1):
+            reqs = [GenerationRequest(prompts[i], seed=updates[i].seed + 7919 * attempt, params=self.params,
+                                      adapter=self.adapter) for i in todo]
+            comps = self.backend.generate(reqs)
+            for i, c in zip(todo, comps, strict=True):
+                text = " ".join(c.text.split())
+                if text:
+                    out[i] = MeanFieldState(text=text, data={"n": updates[i].previous.data.get("n", 0) + len(updates[i].pairs)})
+            todo = [i for i in todo if out[i] is None]
+            if not todo:
+                return out  # type: ignore[return-value]
+        raise BackendError("empty", f"the mean-field model returned an empty summary {self.retries + 1} times")
+
+
+def make_meanfield(name: str, lang: str = "zh", backend: Backend | None = None, **options) -> MeanFieldModel:
+    if name == "stats":
+        return StatsMeanField(lang=lang, **options)
+    if name == "llm":
+        if backend is None:
+            raise ConfigError("the llm mean field needs a backend", field="meanfield")
+        return LLMMeanField(backend, lang=lang, **options)
+    raise ConfigError(f"unknown mean-field model {name!r}; choose stats or llm", field="meanfield")

@@ -1,0 +1,179 @@
+"""The run directory: written step by step, readable after a crash, resumable.
+
+- config.json and done.json are written atomically (temp file + fsync + rename).
+- steps.jsonl is append-only; every line carries the sha256 of its own content, so a torn or
+  corrupted line (a crash mid-write) is detected and never read as data. On resume the file is cut
+  back to its last good line and the missing steps are simply recomputed (seeds are per agent and
+  per step, so they come out the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mfllm.errors import ConfigError
+
+STEPS = "steps.jsonl"
+CONFIG = "config.json"
+DONE = "done.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(record: dict) -> str:
+    body = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def encode_record(record: dict) -> str:
+    rec = {k: v for k, v in record.items() if k != "sha"}
+    rec["sha"] = _digest(rec)
+    return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def decode_line(line: str) -> dict | None:
+    """The record, or None if the line is torn or corrupted."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or "sha" not in rec:
+        return None
+    sha = rec.pop("sha")
+    return rec if sha == _digest(rec) else None
+
+
+def read_steps(run_dir: str | Path) -> list[dict]:
+    """All good step records, in file order (stops at the first bad line: nothing after it is trusted)."""
+    return list(iter_steps(run_dir))
+
+
+def iter_steps(run_dir: str | Path) -> Iterator[dict]:
+    path = Path(run_dir) / STEPS
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            rec = decode_line(line)
+            if rec is None:
+                return
+            yield rec
+
+
+class RunStore:
+    """Appends step records; `fsync_every` seconds bounds what a power loss can cost (a plain crash
+    loses nothing that was flushed)."""
+
+    def __init__(self, run_dir: str | Path, fsync_every: float = 1.0):
+        self.dir = Path(run_dir)
+        self.fsync_every = fsync_every
+        self._f = None
+        self._last_sync = 0.0
+
+    # -- lifecycle
+    def create(self, config: dict) -> None:
+        if (self.dir / CONFIG).exists():
+            raise ConfigError(f"{self.dir} already holds a run; use --resume {self.dir} to continue it, "
+                              "or choose another --out")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / CONFIG, config)
+
+    def config(self) -> dict:
+        p = self.dir / CONFIG
+        if not p.exists():
+            raise ConfigError(f"{self.dir} is not a run directory (no {CONFIG})")
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"unreadable run config: {e}", path=str(p)) from None
+
+    def recover(self) -> list[dict]:
+        """Good records; the file is truncated after the last good line so appends continue cleanly."""
+        path = self.dir / STEPS
+        if not path.exists():
+            return []
+        good, offset = [], 0
+        with open(path, "rb") as f:
+            for raw in f:
+                rec = decode_line(raw.decode("utf-8", errors="replace")) if raw.endswith(b"\n") else None
+                if rec is None:
+                    break
+                good.append(rec)
+                offset += len(raw)
+        if offset != path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+        return good
+
+    def append(self, record: dict) -> None:
+        if self._f is None:
+            self._f = open(self.dir / STEPS, "a", encoding="utf-8")
+        self._f.write(encode_record(record))
+        self._f.flush()
+        now = time.monotonic()
+        if now - self._last_sync >= self.fsync_every:
+            os.fsync(self._f.fileno())
+            self._last_sync = now
+
+    def finish(self, summary: dict) -> None:
+        self.close()
+        atomic_write_json(self.dir / DONE, summary)
+
+    def is_done(self) -> bool:
+        return (self.dir / DONE).exists()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+
+def export_actions(run_dir: str | Path, to: str | Path) -> int:
+    """One JSON object per agent action (the names independent checks read)."""
+    n = 0
+    tmp = Path(str(to) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for rec in iter_steps(run_dir):
+            for a in rec["actions"]:
+                row = {"event_id": rec["event_id"], "step": rec["step"], "agent_id": a["agent_id"],
+                       "time": a["time"], "phase": rec["phase"], "real_text": a["real_text"],
+                       "sim_text": a["sim_text"], "action_id": a["action_id"], "state": a["state"]}
+                if a.get("injected"):
+                    row["injected"] = True
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    os.replace(tmp, to)
+    return n

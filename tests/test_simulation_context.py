@@ -1,0 +1,84 @@
+"""Each method's context and both mean-field models, on real-looking inputs."""
+
+from mfllm.backends.base import Completion
+from mfllm.errors import BackendError
+from mfllm.prompts.templates import policy_prefix, policy_prompt, policy_suffix, target_to_action
+from mfllm.simulation.history import History
+from mfllm.simulation.meanfield import LLMMeanField, MeanFieldUpdate, StatsMeanField
+from mfllm.simulation.methods import make_method
+
+
+def filled_history():
+    h = History(30)
+    texts = ["", "太可怕了[泪]", "真的假的？", "", "辟谣：假的", "转发", "心疼", "已报警"]
+    for i, t in enumerate(texts):
+        parent = "a1" if i in (3, 5, 6) else None  # a1 gets three reposts
+        h.add(f"a{i}", t, parent, None, 1000.0 + i)
+    return h
+
+
+def test_state_context_is_empty_and_mf_shows_the_mean_field():
+    h = filled_history()
+    assert make_method("state").context(h, "MF", "zh") == ""
+    assert "MF" in make_method("mf").context(h, "MF", "zh")
+
+
+def test_recent_shows_the_last_five_in_order_with_reposts_marked():
+    ctx = make_method("recent").context(filled_history(), "", "zh")
+    assert ctx.index("辟谣") < ctx.index("心疼") < ctx.index("已报警")
+    assert "真的假的" not in ctx and "[转发]" in ctx
+
+
+def test_popular_ranks_by_reposts_received():
+    h = filled_history()
+    m = make_method("popular")
+    m.k = 1
+    assert "太可怕了" in m.context(h, "", "zh")  # a1 was reposted three times
+
+
+def test_prompt_puts_shared_part_first_and_state_last():
+    pre = policy_prefix("某地发生事故", "【舆论】x\n", "zh")
+    full = policy_prompt("某地发生事故", "【舆论】x\n", "用户：男", "zh")
+    assert full.startswith(pre) and full == pre + policy_suffix("用户：男", "zh")
+    assert full.index("用户：男") > full.index("【舆论】")
+    assert target_to_action("[转发]") == "" and target_to_action(" 好 ") == "好"
+
+
+def test_stats_meanfield_tracks_shares_and_decays():
+    mf = StatsMeanField(decay=0.5)
+    s0 = mf.initial()
+    s1 = mf.update_many([MeanFieldUpdate("e", s0, [("u", "")] * 4)])[0]
+    assert "已有4人回应" in s1.text and "转发100%" in s1.text
+    s2 = mf.update_many([MeanFieldUpdate("e", s1, [("u", "这是谣言吗？太离谱了")] * 4)])[0]
+    assert "已有8人回应" in s2.text
+    # decay 0.5: 4 old reposts count as 2 against 4 new comments -> comment share 67%
+    assert "评论67%" in s2.text
+    assert "这是谣言吗" in s2.text  # an example comment is quoted
+    again = mf.update_many([MeanFieldUpdate("e", s1, [("u", "这是谣言吗？太离谱了")] * 4)])[0]
+    assert again.text == s2.text  # deterministic
+
+
+class ScriptedBackend:
+    """A stand-in endpoint that returns given texts (fault injection for the summariser)."""
+
+    name = "scripted"
+
+    def __init__(self, texts):
+        self.texts, self.calls = list(texts), 0
+
+    def generate(self, requests):
+        self.calls += 1
+        return [Completion(self.texts.pop(0), 10, 5) for _ in requests]
+
+
+def test_llm_meanfield_retries_empty_output_then_fails_loudly():
+    mf = LLMMeanField(ScriptedBackend(["", "多数人表示怀疑"]), retries=2)
+    st = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", "真的吗")])])[0]
+    assert st.text == "多数人表示怀疑"
+    bad = LLMMeanField(ScriptedBackend(["", " ", "\n"]), retries=2)
+    try:
+        bad.update_many([MeanFieldUpdate("e", bad.initial(), [("u", "真的吗")])])
+    except BackendError as e:
+        assert e.kind == "empty"
+    else:
+        raise AssertionError("an empty summary must not become the mean field")
