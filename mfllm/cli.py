@@ -78,6 +78,7 @@ def simulate(
     lang: str = typer.Option("zh", help="Prompt language: zh | en."),
     teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
     resume: Path = typer.Option(None, help="Continue an interrupted run directory (other options are ignored)."),
+    force: bool = typer.Option(False, help="Replace --out if it already holds a run."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Simulate how a population reacts to events, step by step, with the mean-field loop.
@@ -95,6 +96,10 @@ def simulate(
         else:
             if out is None:
                 raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
+            if force:
+                from mfllm.store.run import remove_run
+
+                remove_run(out)
             cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
                             time_window=time_window, lang=lang, seed=seed, temperature=temperature,
                             teacher_forcing=teacher_forcing, max_rollout_agents=max_agents)

@@ -161,6 +161,18 @@ class RunStore:
             self._f = None
 
 
+def remove_run(run_dir: str | Path) -> None:
+    """Delete a run directory, refusing anything that does not look like one."""
+    import shutil
+
+    d = Path(run_dir)
+    if not d.exists():
+        return
+    if not (d / CONFIG).exists():
+        raise ConfigError(f"{d} exists and is not a run directory; refusing to delete it")
+    shutil.rmtree(d)
+
+
 def export_actions(run_dir: str | Path, to: str | Path) -> int:
     """One JSON object per agent action (the names independent checks read)."""
     n = 0

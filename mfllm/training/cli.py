@@ -24,6 +24,8 @@ def train_mini_command(
     agents_per_event: int = typer.Option(24, help="Policy examples sampled per training event."),
     max_train_events: int = typer.Option(None, help="Use only this many training events (quick runs)."),
     threads: int = typer.Option(None, help="CPU threads for torch."),
+    device: str = typer.Option("auto", help="cpu | cuda | auto. The default size is a CPU hour; on a GPU try --steps 8000."),
+    batch_size: int = typer.Option(16, help="Sequences per optimisation step."),
     examples: str = typer.Option(None, help="Prebuilt examples (.jsonl.gz from --prepare-only): train without the raw data."),
     prepare_only: bool = typer.Option(False, help="Only build the examples file (OUT/_work/examples.jsonl.gz) and stop."),
 ):
@@ -38,7 +40,7 @@ def train_mini_command(
     cfg = MiniConfig(data=data, out=out, steps=steps, seed=seed, hidden=hidden, layers=layers,
                      heads=max(1, hidden // 64), intermediate=int(hidden * 2.75) // 8 * 8,
                      agents_per_event=agents_per_event, max_train_events=max_train_events, threads=threads,
-                     examples=examples)
+                     examples=examples, device=device, batch_size=batch_size)
     try:
         if prepare_only:
             p = prepare_examples(cfg, Path(out) / "_work" / "examples.jsonl.gz")

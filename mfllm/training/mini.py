@@ -64,6 +64,7 @@ class MiniConfig:
     eval_every: int = 100
     ckpt_every: int = 100
     threads: int | None = None
+    device: str = "auto"  # cpu | cuda | auto (cuda when available); the default config is sized for a CPU
 
 
 # ----------------------------------------------------------------------------- data
@@ -176,7 +177,8 @@ def evaluate(model, tokenizer, val: list[Example], val_enc, batch_size: int) -> 
     sums: dict[str, list[float]] = {}
     for i in range(0, len(val), batch_size):
         ids = list(range(i, min(i + batch_size, len(val))))
-        x, att, w = collate(val_enc, ids, tokenizer.pad_token_id, 0.0)
+        dev = next(model.parameters()).device
+        x, att, w = (t.to(dev) for t in collate(val_enc, ids, tokenizer.pad_token_id, 0.0))
         _, nll, ww = weighted_loss(model, x, att, w)
         per_ex = (nll * ww).sum(1)
         for r, j in enumerate(ids):
@@ -305,6 +307,14 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
         model = LlamaForCausalLM(mcfg)
         opt = opt_factory(model)
         start, history = 0, []
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    model.to(device)
+    if start:  # optimizer state was loaded on the CPU
+        for st in opt.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -331,7 +341,8 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
         for s in range(start, cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(s)
-            x, att, w = collate(train_enc, order[s], tokenizer.pad_token_id, cfg.prompt_loss_weight)
+            x, att, w = (t.to(device) for t in collate(train_enc, order[s], tokenizer.pad_token_id,
+                                                       cfg.prompt_loss_weight))
             loss, _, _ = weighted_loss(model, x, att, w)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -352,12 +363,12 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
     final = evaluate(model, tokenizer, val, val_enc, 32)
     base = unigram_baseline(tokenizer, train, val)
     model.config.dtype = "float16"  # halves the checkpoint; backends load it as float32 on CPU
-    model.half().save_pretrained(out, safe_serialization=True)
+    model.to("cpu").half().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     write_curves(out, history)
     info = {"config": asdict(cfg), "data": data_info, "parameters": n_params, "tokens_seen": tokens_seen,
             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
-            "threads": torch.get_num_threads(), "val": final, "unigram_baseline": base}
+            "threads": torch.get_num_threads(), "device": str(device), "val": final, "unigram_baseline": base}
     (out / "training_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
     shutil.rmtree(work, ignore_errors=True)
     return info
