@@ -73,7 +73,8 @@ def simulate(
     time_window: float = typer.Option(None, help="Seconds per step instead of a fixed number of agents."),
     warmup: int = typer.Option(48, help="Real actions fed to the mean field before the rollout."),
     max_agents: int = typer.Option(None, help="Simulate at most this many rollout agents per event."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy; 1 = the model's own distribution)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling (1 = off: keeps the crowd's rarer reactions)."),
     seed: int = typer.Option(0, help="Seed: a run with a local model is reproducible."),
     lang: str = typer.Option("zh", help="Prompt language: zh | en."),
     teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
@@ -101,7 +102,7 @@ def simulate(
 
                 remove_run(out)
             cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
-                            time_window=time_window, lang=lang, seed=seed, temperature=temperature,
+                            time_window=time_window, lang=lang, seed=seed, temperature=temperature, top_p=top_p,
                             teacher_forcing=teacher_forcing, max_rollout_agents=max_agents)
             opts = {}
             if backend == "openai":

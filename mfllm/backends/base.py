@@ -4,9 +4,8 @@
   seeded model gives the same text whatever the batch it lands in (needed for resume and Ray).
 - ``score(prompts, continuations)``: log-likelihood of given continuations (NLL metric, IB-Tune).
 
-``GenerationRequest.shared_prefix_len`` (in characters) tells a backend which leading part of the
-prompt is shared by all requests of a step (instructions + event + mean field) so it can compute
-that prefix once. Backends must return exactly one result per request, in order, or raise
+Prompts put what all agents of a step share (instructions + event + mean field) first, so a backend
+can find that common prefix from the tokens and compute it once. Backends must return exactly one result per request, in order, or raise
 BackendError: an error is never returned as text.
 """
 
@@ -43,6 +42,7 @@ class Completion:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str = "stop"  # "stop" | "length"
+    cached_prompt_tokens: int = 0  # prompt tokens served from a reused prefix / cache (not recomputed)
 
 
 @dataclass(slots=True)

@@ -8,8 +8,13 @@ the declarative spec live in mfllm.simulation.intervention_spec.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mfllm.data.schema import Action
+
+if TYPE_CHECKING:
+    from mfllm.data.schema import Event
+    from mfllm.simulation.steps import Step
 
 
 @dataclass(slots=True)
@@ -21,6 +26,11 @@ class InjectedAction:
 
 class Intervention:
     """Base class: override what the intervention changes. `step` is the step index within the event."""
+
+    def begin_step(self, event: Event, step: Step) -> None:
+        """Called once per event and step, before the other hooks, with the step as planned (its index,
+        phase and actions, before `agents` changes them): e.g. to resolve a trigger given in seconds after
+        the source post (step.actions[0].time - event.source.time)."""
 
     def agents(self, event_id: str, step: int, actions: list[Action], seed: int) -> list[Action]:
         """Who arrives this step (reweight / remove agents)."""

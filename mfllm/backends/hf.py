@@ -1,0 +1,703 @@
+"""Local Hugging Face backend with our own decoding loop (no ``generate``).
+
+Why our own loop:
+
+* **Per-request seeds, batch invariant.** Request ``r``'s token at step ``j`` is drawn by inverse-CDF
+  sampling (in vocabulary order) with one uniform ``u = H(key(seed_base, seed_r), j)`` from a counter-based
+  integer hash. The draw depends only on the request's own seed and step, never on the batch it lands in or
+  its position there, so a resumed run or a Ray-split run samples the same tokens as the plain run. The whole
+  batch is sampled with tensor ops (no per-agent Python loop per token). Because the CDF is taken in
+  vocabulary order (not sorted order) and the top-k / top-p cut-offs are tie-inclusive thresholds on exact
+  logit values, the ~1e-7 float noise from a different batch shape can only change a token when the uniform
+  falls within ~1e-7 of a CDF boundary. Greedy (temperature 0) is ``argmax``.
+* **Shared prefix.** All agents of a step share instructions + event + mean field; only the agent's own state
+  comes last. The longest common *token* prefix of a group is run once (batch 1), its KV cache is copied
+  along the batch dimension, and only the suffixes are run.
+* **No padding inside a prompt.** Suffixes are right-padded and every row gets its own position ids, so
+  each row sees exactly the tokens and positions it would see alone. The last prompt token of each row is
+  fed in the first decoding step (a single column for all rows), so the logits of every step come from one
+  column (``logits_to_keep=1``); the padding gap before it is masked out.
+
+Only safetensors weights are loaded (``use_safetensors=True``: never pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mfllm.backends.base import BackendStats, Completion, GenerationRequest
+from mfllm.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLER_VERSION = "inverse-cdf/mix32-v1"
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeded, batch-invariant sampling (pure functions on tensors; tested on their own)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def request_key(seed: int, seed_base: int = 0) -> tuple[int, int]:
+    """Two 32-bit words that identify a request's random stream (any Python ints are accepted)."""
+    h = hashlib.blake2b(f"mfllm-sampler:{int(seed_base)}:{int(seed)}".encode(), digest_size=8).digest()
+    return int.from_bytes(h[:4], "little"), int.from_bytes(h[4:], "little")
+
+
+def _mix32(x):
+    """A 32-bit integer hash (good avalanche) on int64 tensors holding values in [0, 2^32).
+
+    Multipliers are < 2^31 so no intermediate product overflows int64: results are bit-identical on every
+    device.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x045D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x045D9F3B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def uniforms(k0, k1, step):
+    """``u`` in (0, 1), float64, one per row: a pure function of (request key, step)."""
+    import torch
+
+    h = _mix32((step & _M32) ^ 0x5BD1E995)
+    h = _mix32(h ^ k0)
+    h = _mix32(h ^ k1)
+    return (h.to(torch.float64) + 0.5) / 4294967296.0
+
+
+def sample_next(logits, temperature, top_p, top_k, u):
+    """Next token per row. ``logits`` [B, V]; ``temperature``, ``top_p`` float [B]; ``top_k`` long [B]
+    (0 = off); ``u`` float64 [B] from :func:`uniforms`. Rows with temperature <= 0 are greedy."""
+    import torch
+
+    logits = logits.float()
+    out = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return out
+    idx = sampled.nonzero().squeeze(1)
+    lg = logits.index_select(0, idx) / temperature.index_select(0, idx).unsqueeze(1)
+    n_vocab = lg.shape[-1]
+    tk = top_k.index_select(0, idx)
+    tp = top_p.index_select(0, idx)
+    tp = torch.where(tp >= 1.0, torch.full_like(tp, 2.0), tp)  # 1.0 = off (robust to rounding)
+    if bool(((tk > 0) & (tk < n_vocab)).any()) or bool((tp < 1.0).any()):
+        sorted_lg, _ = torch.sort(lg, dim=-1, descending=True)
+        k = torch.where(tk > 0, tk.clamp(max=n_vocab), torch.full_like(tk, n_vocab))
+        pos = torch.arange(n_vocab, device=lg.device).unsqueeze(0)
+        in_k = pos < k.unsqueeze(1)
+        sp = torch.softmax(sorted_lg.masked_fill(~in_k, float("-inf")), dim=-1)
+        before = sp.cumsum(dim=-1) - sp
+        keep = (before < tp.unsqueeze(1)) & in_k
+        keep[:, 0] = True
+        n_keep = keep.sum(dim=-1)
+        # Tie-inclusive threshold on exact logit values: independent of the sort's tie order.
+        thresh = sorted_lg.gather(1, (n_keep - 1).unsqueeze(1))
+        lg = lg.masked_fill(lg < thresh, float("-inf"))
+    probs = torch.softmax(lg, dim=-1)
+    acc = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(acc).cumsum(dim=-1)
+    target = u.index_select(0, idx).to(device=cdf.device, dtype=acc) * cdf[:, -1]
+    tok = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1).clamp(max=n_vocab - 1)
+    out[idx] = tok
+    return out
+
+
+def longest_common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _resolve_dtype(dtype: Any, device: str):  # noqa: ARG001 - device kept for future per-device defaults
+    import torch
+
+    if dtype is None or dtype == "auto":
+        # float32 everywhere: with bfloat16, a different batch shape changes logits by ~1e-2 and so changes
+        # about 1 sampled text in 10 (measured); float32 keeps outputs batch invariant. bf16 is opt-in.
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
+    if str(dtype) not in table:
+        raise ConfigError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)", field="dtype")
+    return table[str(dtype)]
+
+
+class HFBackend:
+    """A local causal LM (any ``AutoModelForCausalLM`` directory with safetensors weights).
+
+    ``adapters={"policy": path, "meanfield": path}`` loads LoRA adapters with peft;
+    ``GenerationRequest.adapter`` selects one (``None`` = the base model).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "auto",
+        dtype: Any = None,
+        batch_size: int = 64,
+        seed_base: int = 0,
+        *,
+        adapters: dict[str, str | os.PathLike] | None = None,
+        prefix_cache: bool = True,
+        min_prefix_tokens: int = 16,
+        stop_check_interval: int = 4,
+        num_threads: int | None = None,
+        score_budget: int = 1 << 26,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_path)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(f"not a model directory (no config.json): {path}", field="model")
+        if batch_size < 1:
+            raise ConfigError("batch_size must be >= 1", field="batch_size")
+        self.model_path = path
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.batch_size = int(batch_size)
+        self.seed_base = int(seed_base)
+        self.prefix_cache = bool(prefix_cache)
+        self.min_prefix_tokens = max(1, int(min_prefix_tokens))
+        self.stop_check_interval = max(1, int(stop_check_interval))
+        self.score_budget = int(score_budget)
+        self.stats = BackendStats()
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # noqa: BLE001 - many loader errors; report one clear line
+            raise ConfigError(f"cannot load tokenizer from {path}: {e}", field="model") from e
+        dtype_kw = "dtype" if _transformers_major() >= 5 else "torch_dtype"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), use_safetensors=True, **{dtype_kw: self.dtype}
+            )
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"cannot load model from {path} (safetensors weights are required): {e}", field="model"
+            ) from e
+        model.to(self.device)
+        model.eval()
+        self.num_threads = self._set_threads(num_threads, model)
+
+        self.adapters: dict[str, str] = {}
+        self._peft = None
+        if adapters:
+            from peft import PeftModel
+
+            items = list(adapters.items())
+            for role, apath in items:
+                if not Path(apath).is_dir():
+                    raise ConfigError(f"adapter '{role}': not a directory: {apath}", field="adapters")
+            first_role, first_path = items[0]
+            peft_model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_role)
+            for role, apath in items[1:]:
+                peft_model.load_adapter(str(apath), adapter_name=role)
+            peft_model.to(self.device)
+            peft_model.eval()
+            self._peft = peft_model
+            self.adapters = {role: str(p) for role, p in items}
+            self._lm = peft_model.get_base_model()  # LoRA layers are injected in place
+        else:
+            self._lm = model
+
+        cfg = self._lm.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
+        self._vocab = int(getattr(text_cfg, "vocab_size", 0) or len(self.tokenizer))
+        params = inspect.signature(self._lm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        if "logits_to_keep" in params:
+            self._keep_kw: str | None = "logits_to_keep"
+        elif "num_logits_to_keep" in params:
+            self._keep_kw = "num_logits_to_keep"
+        else:
+            self._keep_kw = None
+
+        tok = self.tokenizer
+        eos: set[int] = set()
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        gen_eos = getattr(getattr(self._lm, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            eos.update(int(e) for e in gen_eos)
+        self.eos_token_ids: set[int] = eos
+        self.pad_token_id = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None), 0)
+        self._start_id = next(
+            (t for t in (tok.bos_token_id, tok.eos_token_id, self.pad_token_id) if t is not None), 0
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _set_threads(self, num_threads: int | None, model) -> int:
+        """CPU threads: the given number, else OMP_NUM_THREADS, else one thread per ~20M parameters (at most
+        the CPUs we may use). Small matmuls gain nothing from threads, and on a busy machine spinning OpenMP
+        threads make them up to 100x slower. (torch's thread count is process-wide.)"""
+        import torch
+
+        if self.device != "cpu":
+            return torch.get_num_threads()
+        if num_threads is None:
+            if os.environ.get("OMP_NUM_THREADS"):
+                return torch.get_num_threads()
+            try:
+                avail = len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - non-Linux
+                avail = os.cpu_count() or 1
+            n_params = sum(p.numel() for p in model.parameters())
+            num_threads = max(1, min(avail, n_params // 20_000_000))
+        torch.set_num_threads(int(num_threads))
+        return int(num_threads)
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": str(self.model_path),
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "batch_size": self.batch_size,
+            "seed_base": self.seed_base,
+            "prefix_cache": self.prefix_cache,
+            "adapters": dict(self.adapters),
+            "sampler": SAMPLER_VERSION,
+        }
+
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+        return [list(x) for x in ids]
+
+    def _encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        return [x if x else [self._start_id] for x in self.encode(texts, add_special_tokens=True)]
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self._lm.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache=None, keep: int = 1):
+        kw: dict[str, Any] = {}
+        if cache is not None:
+            kw[self._cache_kw] = cache
+            kw["use_cache"] = True
+        else:
+            kw["use_cache"] = False
+        if self._keep_kw is not None:
+            kw[self._keep_kw] = keep
+        out = self._lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+        logits = out.logits
+        if self._keep_kw is None:
+            logits = logits[:, -keep:]
+        return logits
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none loaded"
+            raise ConfigError(f"unknown LoRA adapter '{adapter}' (adapters: {known})", field="adapter")
+
+    @contextmanager
+    def _adapter_ctx(self, adapter: str | None) -> Iterator[None]:
+        if self._peft is None:
+            yield
+        elif adapter is None:
+            with self._peft.disable_adapter():
+                yield
+        else:
+            self._peft.set_adapter(adapter)
+            yield
+
+    # ------------------------------------------------------------------ generation
+
+    def _plan(self, idxs: list[int], enc: list[list[int]]) -> Iterator[tuple[int, list[list[int]]]]:
+        """Yield (shared prefix length P, chunks of request indices); the P-token prefix is computed once for
+        all the chunks of one item, P = 0 is the plain path.
+
+        Prompts sorted in token order form runs whose neighbours share >= ``min_prefix_tokens`` tokens; the
+        LCP of a run is the minimum of its neighbours' LCPs. Usually one run holds a whole step (all agents
+        share instructions + event + mean field). Within a run rows are bucketed by length."""
+        bs = self.batch_size
+
+        def by_len(items: list[int]) -> list[list[int]]:
+            items = sorted(items, key=lambda i: (len(enc[i]), enc[i]))
+            return [items[k : k + bs] for k in range(0, len(items), bs)]
+
+        if not self.prefix_cache or len(idxs) < 2:
+            for chunk in by_len(idxs):
+                yield 0, [chunk]
+            return
+        order = sorted(idxs, key=lambda i: enc[i])
+        runs: list[tuple[list[int], int]] = []
+        cur, cur_lcp = [order[0]], 1 << 62
+        for prev, i in zip(order, order[1:], strict=False):
+            n = longest_common_prefix(enc[prev], enc[i])
+            if n >= self.min_prefix_tokens:
+                cur.append(i)
+                cur_lcp = min(cur_lcp, n)
+            else:
+                runs.append((cur, cur_lcp))
+                cur, cur_lcp = [i], 1 << 62
+        runs.append((cur, cur_lcp))
+        plain: list[int] = []
+        for run, lcp in runs:
+            if len(run) >= 2:
+                p = min(lcp, min(len(enc[i]) for i in run) - 1)  # every row keeps >= 1 suffix token
+                if p >= self.min_prefix_tokens:
+                    yield p, by_len(run)
+                    continue
+            plain.extend(run)
+        for chunk in by_len(plain):
+            yield 0, [chunk]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        import torch
+
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        for r in requests:
+            self._check_adapter(r.adapter)
+        enc = self._encode_prompts([r.prompt for r in requests])
+        if self.max_context:
+            for r, ids in zip(requests, enc, strict=True):
+                if len(ids) + r.params.max_new_tokens > self.max_context:
+                    raise BackendError(
+                        "context_length",
+                        f"a prompt of {len(ids)} tokens + max_new_tokens {r.params.max_new_tokens} exceeds the "
+                        f"model's context of {self.max_context} tokens",
+                    )
+        results: list[Completion | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.adapter, []).append(i)
+        try:
+            with torch.inference_mode():
+                for adapter, idxs in groups.items():
+                    with self._adapter_ctx(adapter):
+                        for p, chunks in self._plan(idxs, enc):
+                            prefix_cache = self._prefill_prefix(enc[chunks[0][0]][:p]) if p else None
+                            for chunk in chunks:
+                                outs = self._generate_chunk(
+                                    [requests[i] for i in chunk], [enc[i] for i in chunk], p, prefix_cache
+                                )
+                                for i, c in zip(chunk, outs, strict=True):
+                                    results[i] = c
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+            raise BackendError("oom", f"out of GPU memory (lower batch_size): {e}") from e
+        done = [c for c in results if c is not None]
+        if len(done) != len(requests):  # pragma: no cover - defensive
+            raise BackendError("internal", "a request got no result")
+        st = self.stats
+        st.calls += 1
+        st.requests += len(requests)
+        st.prompt_tokens += sum(c.prompt_tokens for c in done)
+        st.generated_tokens += sum(c.generated_tokens for c in done)
+        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in done)
+        st.seconds += time.perf_counter() - t0
+        return done
+
+    def _prefill_prefix(self, prefix: list[int]):
+        import torch
+
+        dev = self.device
+        cache = self._new_cache()
+        ids = torch.tensor([prefix], dtype=torch.long, device=dev)
+        pos = torch.arange(len(prefix), device=dev).unsqueeze(0)
+        self._forward(ids, torch.ones_like(ids), pos, cache)
+        return cache
+
+    def _generate_chunk(
+        self, reqs: list[GenerationRequest], ids: list[list[int]], p: int, prefix_cache
+    ) -> list[Completion]:
+        import torch
+
+        dev = self.device
+        b = len(reqs)
+        suffixes = [x[p:] for x in ids]
+        lens = [len(s) for s in suffixes]
+        s1 = max(lens) - 1  # prefill width: every suffix without its last token
+        max_new = [max(0, int(r.params.max_new_tokens)) for r in reqs]
+        steps = max(max_new)
+        if steps == 0:
+            return [Completion("", len(x), 0, "length") for x in ids]
+
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            if b > 1:
+                cache.batch_repeat_interleave(b)
+        else:
+            cache = self._new_cache()
+
+        total_cols = p + s1 + steps
+        attn = torch.ones((b, total_cols), dtype=torch.long, device=dev)
+        if s1 > 0:
+            inp = torch.full((b, s1), self.pad_token_id, dtype=torch.long)
+            for r, s in enumerate(suffixes):
+                if len(s) > 1:
+                    inp[r, : len(s) - 1] = torch.tensor(s[:-1], dtype=torch.long)
+                attn[r, p + len(s) - 1 : p + s1] = 0
+            pos = (p + torch.arange(s1)).unsqueeze(0).expand(b, s1)
+            self._forward(inp.to(dev), attn[:, : p + s1], pos.to(dev), cache)
+        col = p + s1
+
+        last = torch.tensor([s[-1] for s in suffixes], dtype=torch.long, device=dev)
+        cur_pos = torch.tensor([p + n - 1 for n in lens], dtype=torch.long, device=dev)
+        keys = [request_key(r.seed, self.seed_base) for r in reqs]
+        k0 = torch.tensor([k[0] for k in keys], dtype=torch.long, device=dev)
+        k1 = torch.tensor([k[1] for k in keys], dtype=torch.long, device=dev)
+        temp = torch.tensor([float(r.params.temperature) for r in reqs], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([float(r.params.top_p) for r in reqs], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([int(r.params.top_k) for r in reqs], dtype=torch.long, device=dev)
+        limit = torch.tensor(max_new, dtype=torch.long, device=dev)
+        eos = torch.tensor(sorted(self.eos_token_ids) or [-1], dtype=torch.long, device=dev)
+
+        out_tokens = torch.full((b, steps), self.pad_token_id, dtype=torch.long, device=dev)
+        n_gen = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated per original row
+        hit_eos = torch.zeros(b, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)  # a stop string was seen
+        has_stop = torch.tensor([bool(r.params.stop) for r in reqs], dtype=torch.bool, device=dev)
+        any_stop = bool(has_stop.any())
+        # per active row: original index, finished flag (finished rows may stay until the next prune)
+        rows = torch.arange(b, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+
+        for j in range(steps):
+            logits = self._forward(last.unsqueeze(1), attn[rows, : col + 1], cur_pos.unsqueeze(1), cache)
+            col += 1
+            nxt = sample_next(logits[:, -1, :], temp, top_p, top_k, uniforms(k0, k1, torch.full_like(k0, j)))
+            live = ~done
+            live_rows = rows[live]
+            out_tokens[live_rows, j] = nxt[live]
+            n_gen[live_rows] = j + 1
+            is_eos = torch.isin(nxt, eos) & live
+            hit_eos[rows[is_eos]] = True
+            new_done = is_eos | (live & (limit <= j + 1))
+            if any_stop:
+                # stop strings: checked on the decoded text every few steps and when a row finishes
+                cand_mask = live & has_stop[rows] & ~is_eos
+                if (j + 1) % self.stop_check_interval != 0:
+                    cand_mask = cand_mask & new_done
+                cand = cand_mask.nonzero().squeeze(1)
+                if cand.numel():
+                    orig = rows[cand]
+                    texts = self.tokenizer.batch_decode(
+                        out_tokens[orig, : j + 1].tolist(), skip_special_tokens=True
+                    )
+                    hits = [
+                        any(s in t for s in reqs[o].params.stop)
+                        for o, t in zip(orig.tolist(), texts, strict=True)
+                    ]
+                    hit = torch.tensor(hits, dtype=torch.bool, device=dev)
+                    if bool(hit.any()):
+                        stopped[orig[hit]] = True
+                        new_done[cand[hit]] = True
+            done = done | new_done
+            if bool(done.all()):
+                break
+            last = nxt
+            cur_pos = cur_pos + 1
+            n_done = int(done.sum())
+            if n_done * 4 >= rows.numel():  # drop finished rows once a quarter of the batch is finished
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, last, cur_pos, done = rows[keep], last[keep], cur_pos[keep], done[keep]
+                k0, k1, temp, top_p, top_k, limit = (t[keep] for t in (k0, k1, temp, top_p, top_k, limit))
+
+        return self._finish(
+            reqs, ids, p, out_tokens.tolist(), n_gen.tolist(), hit_eos.tolist(), stopped.tolist(), max_new
+        )
+
+    def _finish(self, reqs, ids, p, out_tokens, n_gen, hit_eos, stopped, max_new) -> list[Completion]:
+        """Texts (stop strings cut, eos dropped) and token counts, once per request."""
+        res = []
+        for r, req in enumerate(reqs):
+            if max_new[r] == 0:
+                res.append(
+                    Completion(text="", prompt_tokens=len(ids[r]), generated_tokens=0, finish_reason="length")
+                )
+                continue
+            toks = out_tokens[r][: n_gen[r]]
+            finish = "stop" if hit_eos[r] or stopped[r] else "length"
+            if hit_eos[r]:
+                text = self.tokenizer.decode(toks[:-1], skip_special_tokens=True)
+            else:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            n_used = len(toks)
+            stops = req.params.stop
+            if stopped[r] or (stops and any(s in text for s in stops)):
+                cut = min(text.find(s) for s in stops if s in text)
+                text = text[:cut]
+                finish = "stop"
+                # the fewest tokens whose text holds the stop string (independent of the check interval)
+                for n in range(1, len(toks) + 1):
+                    t = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+                    if any(s in t for s in stops):
+                        n_used = n
+                        break
+            c = Completion(
+                text=text, prompt_tokens=len(ids[r]), generated_tokens=n_used, finish_reason=finish
+            )
+            c.cached_prompt_tokens = p
+            res.append(c)
+        return res
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, prompts: list[str], continuations: list[str], adapter: str | None = None) -> list[float]:
+        """Sum of log p(continuation | prompt) in nats, one per pair."""
+        return [s for s, _ in self.score_tokens(prompts, continuations, adapter=adapter)]
+
+    def score_tokens(
+        self, prompts: list[str], continuations: list[str], adapter: str | None = None
+    ) -> list[tuple[float, int]]:
+        """(sum log p(continuation | prompt) in nats, number of continuation tokens), one per pair.
+
+        Prompt and continuation are tokenized separately and concatenated (a clean split at the boundary);
+        the continuation gets no special tokens. An empty continuation scores (0.0, 0).
+        """
+        import torch
+
+        if len(prompts) != len(continuations):
+            raise ValueError("score: prompts and continuations differ in length")
+        if not prompts:
+            return []
+        self._check_adapter(adapter)
+        t0 = time.perf_counter()
+        p_ids = self._encode_prompts(list(prompts))
+        c_ids = self.encode(list(continuations), add_special_tokens=False)
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
+        todo = sorted(
+            (i for i in range(len(prompts)) if c_ids[i]), key=lambda i: len(p_ids[i]) + len(c_ids[i])
+        )
+        n_vocab = self._vocab
+        dev = self.device
+        with torch.inference_mode(), self._adapter_ctx(adapter):
+            k = 0
+            while k < len(todo):
+                # a chunk: at most batch_size rows and about score_budget logits
+                chunk = [todo[k]]
+                while k + len(chunk) < len(todo) and len(chunk) < self.batch_size:
+                    nxt = todo[k + len(chunk)]
+                    width = len(p_ids[nxt]) + len(c_ids[nxt])
+                    if (len(chunk) + 1) * width * n_vocab > self.score_budget:
+                        break
+                    chunk.append(nxt)
+                k += len(chunk)
+                seqs = [p_ids[i] + c_ids[i] for i in chunk]
+                length = max(len(x) for x in seqs)
+                b = len(chunk)
+                inp = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+                attn = torch.zeros((b, length), dtype=torch.long)
+                for r, x in enumerate(seqs):
+                    inp[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+                    attn[r, : len(x)] = 1
+                starts = torch.tensor([len(p_ids[i]) for i in chunk])
+                ends = torch.tensor([len(seqs[r]) for r in range(b)])
+                first = int(starts.min()) - 1  # first column whose logits are needed
+                pos = torch.arange(length).unsqueeze(0).expand(b, length)
+                logits = self._forward(inp.to(dev), attn.to(dev), pos.to(dev), None, keep=length - first)
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # columns first .. length-2
+                targets = inp[:, first + 1 :].to(dev)
+                lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                tgt_col = torch.arange(first + 1, length).unsqueeze(0)  # position of each target token
+                mask = (tgt_col >= starts.unsqueeze(1)) & (tgt_col < ends.unsqueeze(1))
+                sums = (lp.double() * mask.to(dev)).sum(-1).tolist()
+                for r, i in enumerate(chunk):
+                    out[i] = (float(sums[r]), len(c_ids[i]))
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    def token_logprobs(self, texts: list[str]) -> list[dict]:
+        """Per-token log p(token | text before it) for whole texts (the server's echo+logprobs path).
+
+        Returns per text: ``tokens`` (strings), ``ids``, ``logprobs`` (None for the first token),
+        ``offsets`` (character start of each token).
+        """
+        res = []
+        for text in texts:
+            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            offs = [int(o[0]) for o in enc["offset_mapping"]]
+            if not ids:
+                res.append({"tokens": [], "ids": [], "logprobs": [], "offsets": []})
+                continue
+            lps: list[float | None] = [None]
+            if len(ids) > 1:
+                # score token k given tokens < k: a prompt of ids[:1] and a continuation of the rest
+                lps.extend(self._score_ids([ids[:1]], [ids[1:]])[0])
+            toks = [self.tokenizer.decode([t]) for t in ids]
+            res.append({"tokens": toks, "ids": ids, "logprobs": lps, "offsets": offs})
+        return res
+
+    def _score_ids(self, prefixes: list[list[int]], conts: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of ``conts`` after ``prefixes`` (one row at a time; used by the server)."""
+        import torch
+
+        out = []
+        dev = self.device
+        with torch.inference_mode():
+            for pre, cont in zip(prefixes, conts, strict=True):
+                seq = pre + cont
+                inp = torch.tensor([seq], dtype=torch.long, device=dev)
+                pos = torch.arange(len(seq), device=dev).unsqueeze(0)
+                logits = self._forward(inp, torch.ones_like(inp), pos, None, keep=len(cont) + 1)
+                logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+                tgt = torch.tensor(cont, dtype=torch.long, device=dev)
+                out.append(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).tolist())
+        return out
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    try:
+        return int(transformers.__version__.split(".")[0])
+    except ValueError:  # pragma: no cover
+        return 5

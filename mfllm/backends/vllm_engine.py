@@ -1,0 +1,231 @@
+"""In-process vLLM backend (``pip install mfllm[vllm]``, a GPU).
+
+vLLM is imported lazily in ``VLLMBackend.__init__``, so this module imports fine without it. The mapping from
+our requests to vLLM's arguments is made of pure functions (:func:`sampling_kwargs`, :func:`lora_specs`,
+:func:`build_batch`, :func:`completion_from_output`), tested on CPU without vLLM.
+
+vLLM gives automatic prefix caching (``enable_prefix_caching=True``): the instructions + event + mean field
+shared by all agents of a step are computed once per step. Per-request seeds go to
+``SamplingParams(seed=...)``; vLLM does not promise bitwise batch invariance, so a resumed or split run can
+differ from the plain run in rare tokens (use the ``hf`` backend with float32 where that matters).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mfllm.backends.base import BackendStats, Completion, GenerationRequest, SamplingParams
+from mfllm.errors import BackendError, ConfigError, MfllmError
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def vllm_seed(seed: int, seed_base: int = 0) -> int:
+    """A non-negative 63-bit seed for vLLM from our (seed_base, seed)."""
+    s = int(seed) + int(seed_base)
+    if 0 <= s <= _SEED_MASK:
+        return s
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=8).digest(), "little") & _SEED_MASK
+
+
+def sampling_kwargs(params: SamplingParams, seed: int, seed_base: int = 0) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` for one request."""
+    greedy = params.greedy
+    return {
+        "n": 1,
+        "temperature": 0.0 if greedy else float(params.temperature),
+        "top_p": 1.0 if greedy else float(params.top_p),
+        "top_k": -1 if (greedy or params.top_k <= 0) else int(params.top_k),
+        "max_tokens": int(params.max_new_tokens),
+        "stop": list(params.stop) or None,
+        "seed": vllm_seed(seed, seed_base),
+        "skip_special_tokens": True,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """Positional arguments of ``vllm.lora.request.LoRARequest(name, int_id, path)``."""
+
+    name: str
+    int_id: int
+    path: str
+
+
+def lora_specs(adapters: dict[str, str] | None) -> dict[str, LoraSpec]:
+    """One LoRA spec per adapter role, ids 1.. in the given order (vLLM needs a unique id > 0)."""
+    out: dict[str, LoraSpec] = {}
+    for i, (role, path) in enumerate((adapters or {}).items(), start=1):
+        if not role:
+            raise ConfigError("an adapter role name is empty", field="adapters")
+        out[role] = LoraSpec(name=role, int_id=i, path=str(path))
+    return out
+
+
+def build_batch(
+    requests: list[GenerationRequest], specs: dict[str, LoraSpec], seed_base: int = 0
+) -> tuple[list[str], list[dict[str, Any]], list[LoraSpec | None]]:
+    """(prompts, SamplingParams kwargs, LoRA spec or None) per request, in order."""
+    prompts, kwargs, loras = [], [], []
+    for r in requests:
+        if r.adapter is not None and r.adapter not in specs:
+            known = ", ".join(sorted(specs)) or "none loaded"
+            raise ConfigError(f"unknown LoRA adapter '{r.adapter}' (adapters: {known})", field="adapter")
+        prompts.append(r.prompt)
+        kwargs.append(sampling_kwargs(r.params, r.seed, seed_base))
+        loras.append(specs[r.adapter] if r.adapter is not None else None)
+    return prompts, kwargs, loras
+
+
+def completion_from_output(out: Any) -> Completion:
+    """Our Completion from a ``vllm.RequestOutput`` (only attributes are read: testable with stand-ins)."""
+    if not getattr(out, "outputs", None):
+        raise BackendError("empty", "vLLM returned no output for a request")
+    o = out.outputs[0]
+    finish = "length" if getattr(o, "finish_reason", None) == "length" else "stop"
+    prompt_ids = getattr(out, "prompt_token_ids", None) or []
+    cached = getattr(out, "num_cached_tokens", None) or 0
+    return Completion(
+        text=o.text,
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=len(getattr(o, "token_ids", None) or []),
+        finish_reason=finish,
+        cached_prompt_tokens=int(cached),
+    )
+
+
+def sum_prompt_logprobs(prompt_logprobs: list[Any], ids: list[int], start: int) -> float:
+    """Sum of the log-probs of ``ids[start:]`` from vLLM's ``prompt_logprobs`` (a list of {id: Logprob})."""
+    total = 0.0
+    for k in range(start, len(ids)):
+        entry = prompt_logprobs[k]
+        if entry is None or ids[k] not in entry:
+            raise BackendError("unsupported", "vLLM returned no logprob for a continuation token")
+        lp = entry[ids[k]]
+        total += float(getattr(lp, "logprob", lp))
+    return total
+
+
+class VLLMBackend:
+    """``VLLMBackend(model, enable_prefix_caching=True, adapters={"policy": path})`` with an in-process
+    ``vllm.LLM``. Extra keyword arguments go to ``vllm.LLM``."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        enable_prefix_caching: bool = True,
+        adapters: dict[str, str] | None = None,
+        *,
+        dtype: str = "auto",
+        seed_base: int = 0,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        max_lora_rank: int = 64,
+        tensor_parallel_size: int = 1,
+        **llm_kwargs: Any,
+    ):
+        try:
+            import vllm
+            from vllm.lora.request import LoRARequest
+        except ImportError as e:
+            raise MfllmError(
+                f"the vllm backend needs vLLM: pip install mfllm[vllm] (on a machine with a GPU) ({e})"
+            ) from None
+        self._vllm = vllm
+        self.model = str(model)
+        self.seed_base = int(seed_base)
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.specs = lora_specs(adapters)
+        for role, spec in self.specs.items():
+            if not Path(spec.path).is_dir():
+                raise ConfigError(f"adapter '{role}': not a directory: {spec.path}", field="adapters")
+        self.adapters = {role: s.path for role, s in self.specs.items()}
+        self._lora = {role: LoRARequest(s.name, s.int_id, s.path) for role, s in self.specs.items()}
+        kw: dict[str, Any] = {
+            "model": self.model,
+            "dtype": dtype,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "seed": self.seed_base,
+        }
+        if max_model_len:
+            kw["max_model_len"] = int(max_model_len)
+        if self.specs:
+            kw.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=max(1, len(self.specs)))
+        kw.update(llm_kwargs)
+        self._llm_kwargs = {k: v for k, v in kw.items() if k != "model"}
+        self.llm = vllm.LLM(**kw)
+        self.stats = BackendStats()
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": self.model,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "adapters": dict(self.adapters),
+            "seed_base": self.seed_base,
+            "vllm": getattr(self._vllm, "__version__", "?"),
+            "llm_kwargs": {
+                k: v for k, v in self._llm_kwargs.items() if isinstance(v, (str, int, float, bool))
+            },
+        }
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        prompts, kwargs, loras = build_batch(requests, self.specs, self.seed_base)
+        sps = [self._vllm.SamplingParams(**k) for k in kwargs]
+        lora_reqs = [self._lora[s.name] if s is not None else None for s in loras]
+        try:
+            outs = self.llm.generate(
+                prompts,
+                sampling_params=sps,
+                lora_request=lora_reqs if any(x is not None for x in lora_reqs) else None,
+                use_tqdm=False,
+            )
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
+            raise BackendError("vllm", f"{type(e).__name__}: {e}") from e
+        if len(outs) != len(requests):
+            raise BackendError("internal", f"vLLM returned {len(outs)} outputs for {len(requests)} requests")
+        res = [completion_from_output(o) for o in outs]
+        st = self.stats
+        st.calls += 1
+        st.requests += len(res)
+        st.prompt_tokens += sum(c.prompt_tokens for c in res)
+        st.generated_tokens += sum(c.generated_tokens for c in res)
+        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in res)
+        st.seconds += time.perf_counter() - t0
+        return res
+
+    def score(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        return [s for s, _ in self.score_tokens(prompts, continuations)]
+
+    def score_tokens(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        """Prompt and continuation tokenized separately (as in the hf backend), scored with prompt_logprobs."""
+        if len(prompts) != len(continuations):
+            raise ValueError("score: prompts and continuations differ in length")
+        if not prompts:
+            return []
+        tok = self.llm.get_tokenizer()
+        items, out = [], [(0.0, 0)] * len(prompts)
+        for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
+            c_ids = tok.encode(c, add_special_tokens=False) if c else []
+            if not c_ids:
+                continue
+            p_ids = tok.encode(p, add_special_tokens=True) or [tok.bos_token_id or tok.eos_token_id or 0]
+            items.append((i, p_ids + c_ids, len(p_ids)))
+        if items:
+            sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in items], sp, use_tqdm=False)
+            for (i, ids, start), o in zip(items, outs, strict=True):
+                out[i] = (sum_prompt_logprobs(o.prompt_logprobs, ids, start), len(ids) - start)
+        return out

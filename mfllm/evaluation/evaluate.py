@@ -1,0 +1,537 @@
+"""Evaluate a run directory: label every action, compare real vs simulated, write metrics.json.
+
+``evaluate_run(run_dir)`` reads RUN_DIR/steps.jsonl (docs/architecture.md), labels the warm-up's
+real actions and the rollout's real and simulated actions, scores the run's method and the two
+LLM-free baselines (persistence, marginal) per event, per dimension and per horizon, writes
+RUN_DIR/metrics.json (shape: docs/evaluation.md), and by default RUN_DIR/plots/*.png and
+RUN_DIR/report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mfllm.errors import ConfigError, DataError
+from mfllm.evaluation import distributions as D
+from mfllm.evaluation import metrics as M
+from mfllm.evaluation.dimensions import ALL_DIMENSIONS
+from mfllm.evaluation.labelers.base import ActionLabels, Labeler
+from mfllm.store.run import STEPS, atomic_write_text, read_steps
+
+SCHEMA_VERSION = 1
+BASELINES: tuple[str, ...] = ("persistence", "marginal")
+LABEL_BATCH = 256
+
+
+# --------------------------------------------------------------------------- reading the run
+
+
+def _read_steps(run_dir: Path) -> tuple[list[dict], int]:
+    """(good step records via the store's reader, number of non-empty lines not used).
+
+    The store's reader verifies each line's sha and stops at the first bad line (nothing after a
+    torn / corrupted line is trusted), so the count covers the bad line and everything after it.
+    """
+    recs = read_steps(run_dir)
+    with open(run_dir / STEPS, encoding="utf-8", errors="replace") as f:
+        n_lines = sum(1 for line in f if line.strip())
+    return recs, max(0, n_lines - len(recs))
+
+
+def _method_of(config: dict, run_dir: Path) -> str:
+    nested = [
+        (config.get(k) or {}).get("method") for k in ("sim", "simulation") if isinstance(config.get(k), dict)
+    ]
+    for cand in (config.get("method"), *nested):
+        if isinstance(cand, dict):
+            cand = cand.get("name")
+        if isinstance(cand, str) and cand:
+            return cand
+    return "sim"
+
+
+@dataclass(slots=True)
+class RunData:
+    run_dir: Path
+    config: dict
+    method: str
+    complete: bool
+    steps: dict[str, list[dict]]  # event_id -> step records, by step number
+    dropped_lines: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_run(run_dir: str | os.PathLike) -> RunData:
+    """Read a run directory (config.json, steps.jsonl, done.json). Raises DataError if unusable."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise DataError(str(rd), "run directory not found")
+    if not (rd / STEPS).is_file():
+        raise DataError(
+            str(rd / "steps.jsonl"), "no steps.jsonl: not a run directory (or nothing simulated yet)"
+        )
+    config: dict = {}
+    if (rd / "config.json").is_file():
+        try:
+            config = json.loads((rd / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(str(rd / "config.json"), f"cannot read: {e}") from None
+        if not isinstance(config, dict):
+            raise DataError(str(rd / "config.json"), "expected a JSON object")
+    recs, bad = _read_steps(rd)
+    warnings: list[str] = []
+    if bad:
+        warnings.append(
+            f"{bad} line(s) of steps.jsonl from the first one failing its sha check on were ignored"
+        )
+    by_event: dict[str, dict[int, dict]] = {}
+    dup = 0
+    for i, r in enumerate(recs):
+        for key in ("event_id", "step", "phase", "actions"):
+            if key not in r:
+                raise DataError(str(rd / "steps.jsonl"), f"step record {i} has no {key!r}", field=key)
+        steps = by_event.setdefault(str(r["event_id"]), {})
+        if int(r["step"]) in steps:
+            dup += 1
+        steps[int(r["step"])] = r  # the last record of a step wins
+    if dup:
+        warnings.append(f"{dup} duplicate step record(s) in steps.jsonl; the last of each was used")
+    if not by_event:
+        raise DataError(str(rd / "steps.jsonl"), "no valid step record")
+    complete = (rd / "done.json").is_file()
+    if not complete:
+        warnings.append("run is incomplete (no done.json): metrics cover the steps written so far")
+    return RunData(
+        run_dir=rd,
+        config=config,
+        method=_method_of(config, rd),
+        complete=complete,
+        steps={e: [s[k] for k in sorted(s)] for e, s in by_event.items()},
+        dropped_lines=bad,
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------- labelling
+
+
+def resolve_labeler(
+    labeler: str | Labeler, cache: str | os.PathLike | None = None, **options: Any
+) -> Labeler:
+    """A Labeler as given, or one by name through ``labelers.make_labeler`` (wrapped in the shared
+    SQLite label cache: ``cache`` None = the default file, "" = no cache, else that file)."""
+    if not isinstance(labeler, str):
+        return labeler
+    from mfllm.evaluation.labelers import make_labeler
+
+    return make_labeler(labeler, cache="" if cache == "" else cache, **options)
+
+
+def label_texts(labeler: Labeler, texts: Sequence[str]) -> dict[str, ActionLabels | None]:
+    """Label each distinct text once. Returns text -> labels (None = could not be labelled)."""
+    uniq = list(dict.fromkeys(texts))
+    name = str(getattr(labeler, "name", "?"))
+    out: dict[str, ActionLabels | None] = {}
+    for i in range(0, len(uniq), LABEL_BATCH):
+        batch = uniq[i : i + LABEL_BATCH]
+        res = labeler.label(batch)
+        if len(res) != len(batch):
+            raise ConfigError(f"labeler {name!r} returned {len(res)} results for {len(batch)} texts")
+        out.update(zip(batch, res, strict=True))
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def build_event_labels(
+    event_id: str, steps: list[dict], labels: dict[str, ActionLabels | None], binning: D.Binning
+) -> D.EventLabels:
+    warm, roll = [], []
+    for rec in steps:
+        for a in rec["actions"]:
+            if a.get("injected"):  # an intervention's post, not an agent's action: not scored
+                continue
+            (warm if rec["phase"] == "warmup" else roll).append(
+                (int(rec["step"]), float(a.get("time") or 0.0), a)
+            )
+    warm.sort(key=lambda x: (x[0], x[1]))
+    roll.sort(key=lambda x: (x[0], x[1]))
+
+    def lab(text: str | None) -> ActionLabels | None:
+        return None if text is None else labels.get(text)
+
+    return D.EventLabels(
+        event_id=event_id,
+        warmup=[lab(a.get("real_text")) for _, _, a in warm],
+        warmup_bins=D.assign_bins([s for s, _, _ in warm], [t for _, t, _ in warm], binning),
+        real=[lab(a.get("real_text")) for _, _, a in roll],
+        sim=[lab(a.get("sim_text")) for _, _, a in roll],
+        bins=D.assign_bins([s for s, _, _ in roll], [t for _, t, _ in roll], binning),
+    )
+
+
+_ROW_METRICS = (
+    ("kl", None),
+    ("js", M.js_rows),
+    ("wasserstein", M.wasserstein_rows),
+    ("tv", M.total_variation_rows),
+)
+
+
+def score_horizons(
+    real_counts: np.ndarray,
+    pred: D.Prediction,
+    real_items: Sequence,
+    bins: Sequence[int],
+    horizons: dict[str, int],
+    eps: float = M.DEFAULT_EPS,
+) -> dict[str, dict[str, float | None]]:
+    """Score one source on one dimension at each horizon (name -> number of leading rollout bins).
+
+    KL/JS/W1/TV: per bin where both sides have data, then the mean over those bins.
+    DTW: over the share trajectories of those bins (bins without data dropped on each side).
+    micro-F1: over the agents in those bins. A metric with nothing to compare is None.
+    """
+    nb = real_counts.shape[0]
+    dist = pred.dist[:nb]
+    r_ok = real_counts.sum(1) > 0
+    s_ok = np.all(np.isfinite(dist), axis=1) & (np.nan_to_num(dist).sum(1) > 0)
+    both = r_ok & s_ok
+    per = {m: np.full(nb, np.nan) for m, _ in _ROW_METRICS}
+    if both.any():
+        rc, sd = real_counts[both], dist[both]
+        per["kl"][both] = M.kl_rows(rc, sd, eps)
+        for m, fn in _ROW_METRICS[1:]:
+            per[m][both] = fn(rc, sd)
+    real_sh = D.shares(real_counts)
+    sim_sh = np.where(s_ok[:, None], np.nan_to_num(dist), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim_sh = sim_sh / sim_sh.sum(1, keepdims=True)
+    out: dict[str, dict[str, float | None]] = {}
+    for h, n_h in horizons.items():
+        sel = both[:n_h]
+        res: dict[str, float | None] = {
+            m: (float(per[m][:n_h][sel].mean()) if sel.any() else None) for m, _ in _ROW_METRICS
+        }
+        rt, st = real_sh[:n_h][r_ok[:n_h]], sim_sh[:n_h][s_ok[:n_h]]
+        res["dtw"] = M.dtw(rt, st) if len(rt) and len(st) else None
+        idx = [i for i, b in enumerate(bins) if b < n_h]
+        try:
+            res["micro_f1"] = M.micro_f1([real_items[i] for i in idx], [pred.items[i] for i in idx])
+        except ValueError:
+            res["micro_f1"] = None
+        out[h] = res
+    return out
+
+
+def score(
+    real_counts: np.ndarray,
+    pred: D.Prediction,
+    real_items: Sequence,
+    bins: Sequence[int],
+    n_h: int,
+    eps: float = M.DEFAULT_EPS,
+) -> dict[str, float | None]:
+    """Score over the first ``n_h`` rollout bins (see :func:`score_horizons`)."""
+    return score_horizons(real_counts, pred, real_items, bins, {"h": n_h}, eps)["h"]
+
+
+def _macro(dims: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for m in M.METRICS:
+        v = [d[m] for d in dims.values() if d.get(m) is not None]
+        out[m] = float(np.mean(v)) if v else None
+    return out
+
+
+def evaluate_event(
+    ev: D.EventLabels,
+    method: str,
+    marginal: dict | None,
+    keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
+    eps: float = M.DEFAULT_EPS,
+) -> dict[str, Any]:
+    """Per-event results: {"scores": {source: {horizon: {"macro": {...}, "dimensions": {...}}}}, ...}."""
+    vocab = ev.vocab(keywords_top_n)
+    hb = D.horizon_bins(ev.n_bins)
+    sources = (method, *BASELINES)
+    scores: dict[str, dict[str, dict[str, dict]]] = {s: {h: {} for h in D.HORIZONS} for s in sources}
+    available: dict[str, list[str]] = {s: [] for s in sources}
+    for dim in ALL_DIMENSIONS:
+        cats = D.categories(dim, vocab)
+        real_counts = D.bin_counts(ev.real, ev.bins, ev.n_bins, dim, cats)
+        real_items = [D.agent_item(al, dim) for al in ev.real]
+        preds = {
+            method: D.sim_prediction(ev, dim, cats),
+            "persistence": D.persistence_prediction(ev, dim, cats),
+            "marginal": D.marginal_prediction(marginal, ev, dim, cats),
+        }
+        for src, pred in preds.items():
+            if pred is None or ev.n_bins == 0:
+                continue
+            available[src].append(dim)
+            for h, res in score_horizons(real_counts, pred, real_items, ev.bins, hb, eps).items():
+                scores[src][h][dim] = res
+    return {
+        "n_warmup_actions": len(ev.warmup),
+        "n_rollout_actions": len(ev.real),
+        "n_bins": ev.n_bins,
+        "horizon_bins": hb,
+        "unlabelled": {
+            "warmup": sum(al is None for al in ev.warmup),
+            "real": sum(al is None for al in ev.real),
+            "sim": sum(al is None for al in ev.sim),
+        },
+        "keywords_vocab": list(vocab),
+        "dimensions_available": available,
+        "scores": {
+            s: {h: {"macro": _macro(scores[s][h]), "dimensions": scores[s][h]} for h in D.HORIZONS}
+            for s in sources
+        },
+    }
+
+
+def aggregate(
+    events: dict[str, dict], sources: Sequence[str], event_ids: Sequence[str] | None = None
+) -> dict:
+    """Mean / std / 95% CI over events of each source's macro and per-dimension scores."""
+    ids = list(events) if event_ids is None else list(event_ids)
+    summary: dict = {}
+    per_dim: dict = {}
+    for s in sources:
+        summary[s], per_dim[s] = {}, {}
+        for h in D.HORIZONS:
+            rows = [events[e]["scores"].get(s, {}).get(h) for e in ids]
+            rows = [r for r in rows if r is not None]
+            summary[s][h] = {m: M.summarize([r["macro"].get(m) for r in rows]) for m in M.METRICS}
+            per_dim[s][h] = {
+                d: {m: M.summarize([r["dimensions"].get(d, {}).get(m) for r in rows]) for m in M.METRICS}
+                for d in ALL_DIMENSIONS
+            }
+    return {"summary": summary, "dimensions": per_dim}
+
+
+def _resolve_marginal(marginal, labeler: Labeler) -> tuple[dict | None, str]:
+    """(marginal dict or None, where it came from / why it is missing)."""
+    name, version = str(getattr(labeler, "name", "?")), str(getattr(labeler, "version", "?"))
+    if marginal is None:
+        p = D.marginal_path(name, version)
+        if p.is_file():
+            return D.load_marginal(p), str(p)
+        return None, (
+            f"no training marginal for labeler {name} v{version} (expected {p}); "
+            "pass --marginal FILE (see compute_marginal)"
+        )
+    if isinstance(marginal, dict):
+        return marginal, "given"
+    if isinstance(marginal, str | os.PathLike):
+        m = D.load_marginal(marginal)
+        if (m.get("labeler"), str(m.get("labeler_version"))) != (name, version):
+            raise ConfigError(
+                f"marginal {marginal} was made with labeler {m.get('labeler')} v{m.get('labeler_version')}, "
+                f"not {name} v{version}",
+                field="marginal",
+            )
+        return m, str(marginal)
+    # an iterable of training events
+    return D.compute_marginal(marginal, labeler), "computed from the given training events"
+
+
+# metrics.json layout: indented down to these depths, one compact line below them (readable, small).
+_JSON_DEPTH = {"summary": 4, "dimensions": 4, "events": 2, "plots": 2}
+
+
+def _dumps(obj: Any, depth: int, limit: int) -> str:
+    if depth >= limit or not isinstance(obj, dict) or not obj:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    pad = " " * (depth + 1)
+    items = [
+        f"{pad}{json.dumps(k, ensure_ascii=False)}: {_dumps(v, depth + 1, limit)}" for k, v in obj.items()
+    ]
+    return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+
+
+def dumps_metrics(metrics: dict) -> str:
+    """metrics as JSON text: top level indented; summaries one line per metric; one line per event."""
+    items = [
+        f" {json.dumps(k, ensure_ascii=False)}: {_dumps(v, 1, _JSON_DEPTH.get(k, 1))}"
+        for k, v in metrics.items()
+    ]
+    return "{\n" + ",\n".join(items) + "\n}\n"
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """Everything evaluate_run computed, for plots and the report."""
+
+    run: RunData
+    metrics: dict
+    events: dict[str, D.EventLabels]
+    labels: dict[str, ActionLabels | None]
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    labeler: str | Labeler = "rules",
+    bin_size: float = 1,
+    bin_by: str = "steps",
+    cache: str | os.PathLike | None = None,
+    marginal: Any = None,
+    keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
+    eps: float = M.DEFAULT_EPS,
+    labeler_options: dict | None = None,
+) -> Evaluation:
+    """Compute the metrics without writing anything. See :func:`evaluate_run`."""
+    t0 = time.monotonic()
+    binning = D.Binning(bin_by, bin_size)
+    if keywords_top_n < 1:
+        raise ConfigError("keywords top-N must be at least 1", field="keywords_top_n")
+    run = load_run(run_dir)
+    lab = resolve_labeler(labeler, cache, **(labeler_options or {}))
+    texts: list[str] = []
+    for steps in run.steps.values():
+        for rec in steps:
+            for a in rec["actions"]:
+                if a.get("injected"):
+                    continue
+                if a.get("real_text") is not None:
+                    texts.append(a["real_text"])
+                if rec["phase"] != "warmup" and a.get("sim_text") is not None:
+                    texts.append(a["sim_text"])
+    try:
+        labels = label_texts(lab, texts)
+        marg, marg_src = _resolve_marginal(marginal, lab)
+    finally:
+        if lab is not labeler and hasattr(lab, "close"):
+            lab.close()
+    warnings = list(run.warnings)
+    if marg is None:
+        warnings.append(f"marginal baseline unavailable: {marg_src}")
+    evs = {e: build_event_labels(e, steps, labels, binning) for e, steps in run.steps.items()}
+    per_event = {}
+    for e, ev in evs.items():
+        if ev.n_bins == 0:
+            warnings.append(f"event {e}: no rollout step; skipped")
+            continue
+        if not ev.warmup:
+            warnings.append(f"event {e}: no warm-up; persistence baseline unavailable")
+        per_event[e] = evaluate_event(ev, run.method, marg, keywords_top_n, eps)
+    if not per_event:
+        raise DataError(str(run.run_dir / "steps.jsonl"), "no event has a rollout step: nothing to evaluate")
+    sources = [run.method, *BASELINES]
+    agg = aggregate(per_event, sources)
+    metrics = {
+        "schema": SCHEMA_VERSION,
+        "run_dir": str(run.run_dir),
+        "method": run.method,
+        "complete": run.complete,
+        "labeler": {"name": str(getattr(lab, "name", "?")), "version": str(getattr(lab, "version", "?"))},
+        "binning": binning.to_dict(),
+        "horizons": {h: f"{n}/{d}" for h, (n, d) in D.HORIZON_FRACTIONS.items()},
+        "keywords_top_n": keywords_top_n,
+        "eps": eps,
+        "metrics": list(M.METRICS),
+        "higher_is_better": sorted(M.HIGHER_IS_BETTER),
+        "dimensions_list": list(ALL_DIMENSIONS),
+        "sources": sources,
+        "baselines": {"persistence": "warm-up real distribution carried forward", "marginal": marg_src},
+        "n_events": len(per_event),
+        "n_actions": {
+            "warmup": sum(v["n_warmup_actions"] for v in per_event.values()),
+            "rollout": sum(v["n_rollout_actions"] for v in per_event.values()),
+        },
+        "summary": agg["summary"],
+        "dimensions": agg["dimensions"],
+        "events": per_event,
+        "warnings": warnings,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    return Evaluation(run=run, metrics=metrics, events={e: evs[e] for e in per_event}, labels=labels)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    labeler: str | Labeler = "rules",
+    bin_size: float = 1,
+    bin_by: str = "steps",
+    cache: str | os.PathLike | None = None,
+    marginal: Any = None,
+    keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
+    eps: float = M.DEFAULT_EPS,
+    plots: bool = True,
+    report: bool = True,
+    max_event_plots: int | None = 50,
+    labeler_options: dict | None = None,
+) -> dict:
+    """Evaluate RUN_DIR and write RUN_DIR/metrics.json (+ plots/ and report.html unless disabled).
+
+    labeler: "rules" (default), "llm" (needs labeler_options={"backend": ...}) or a Labeler.
+    bin_by/bin_size: "steps" (steps per bin, default 1), "actions" (actions per bin) or "seconds"
+    (seconds per bin). cache: the label cache for a labeler given by name (None = the shared default
+    file ~/.cache/mfllm/labels.sqlite, "" = none, else a path). marginal: None (the packaged mfllm/assets/marginal_<labeler>_v<ver>.json if present),
+    a marginal dict / JSON path, or training events to compute it from. Returns the metrics dict.
+    """
+    result = evaluate(
+        run_dir, labeler, bin_size, bin_by, cache, marginal, keywords_top_n, eps, labeler_options
+    )
+    rd = result.run.run_dir
+    plot_files = None
+    if plots or report:
+        from mfllm.evaluation.plots import write_plots
+
+        plot_files = write_plots(result, rd / "plots", max_events=max_event_plots)
+        result.metrics["plots"] = plot_files.relative_to(rd)
+    atomic_write_text(rd / "metrics.json", dumps_metrics(result.metrics))
+    if report:
+        from mfllm.evaluation.report import write_report
+
+        write_report(result, plot_files)
+    return result.metrics
+
+
+# --------------------------------------------------------------------------- display
+
+
+def fmt(stat: dict | None, digits: int = 3) -> str:
+    """mean, and ±std on a second line when there is one."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    s = f"{stat['mean']:.{digits}f}"
+    if stat.get("std") is not None:
+        s += f"\n±{stat['std']:.{digits}f}"
+    return s
+
+
+def metric_header(m: str) -> str:
+    return M.SHORT_NAMES.get(m, m) + (" ↑" if m in M.HIGHER_IS_BETTER else " ↓")
+
+
+def metrics_table(metrics: dict, title: str | None = None):
+    """A rich Table: one row per (source, horizon), one column per metric (mean ± std over events)."""
+    from rich.table import Table
+
+    t = Table(
+        title=title
+        or f"{metrics['method']} — {metrics['n_events']} event(s), labeler {metrics['labeler']['name']}"
+        f" v{metrics['labeler']['version']}, bins {metrics['binning']['by']}:{metrics['binning']['size']}",
+        caption="mean over events (±std); macro over dimensions",
+    )
+    t.add_column("source", no_wrap=True)
+    t.add_column("horizon", no_wrap=True)
+    for m in M.METRICS:
+        t.add_column(metric_header(m), justify="right", no_wrap=True)
+    for s in metrics["sources"]:
+        for h in D.HORIZONS:
+            row = metrics["summary"][s][h]
+            t.add_row(s, h, *(fmt(row[m]) for m in M.METRICS))
+        t.add_section()
+    return t

@@ -1,0 +1,1 @@
+"""Reusable test helpers (tiny real models built on the fly; no downloads)."""
