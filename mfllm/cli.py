@@ -28,10 +28,11 @@ def _mount() -> None:
 
     app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
     try:
-        from mfllm.evaluation.cli import compare_command, evaluate_command
+        from mfllm.evaluation.cli import compare_command, evaluate_command, marginal_command
 
         app.command("evaluate")(evaluate_command)
         app.command("compare")(compare_command)
+        app.command("marginal")(marginal_command)
     except ImportError:  # pragma: no cover - the evaluation module is part of the package
         pass
     from mfllm.backends.server import serve_command

@@ -196,18 +196,30 @@ def evaluate(model, tokenizer, val: list[Example], val_enc, batch_size: int) -> 
     return out
 
 
-def unigram_baseline(tokenizer, train: list[Example], val: list[Example]) -> dict:
-    """The marginal baseline: a unigram over the training targets' tokens (add-one smoothed)."""
+UNIGRAM_FILE = "unigram_counts.json"
+
+
+def unigram_counts(tokenizer, train: list[Example]) -> Counter:
+    """Token counts of the training actions (target + end): the marginal baseline a model must beat."""
     counts: Counter = Counter()
     for ex in train:
         if ex.kind.startswith("policy"):
             counts.update(tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    total, v = sum(counts.values()), len(tokenizer)
+    return counts
+
+
+def unigram_nll(counts: Counter, vocab: int, token_ids: list[int]) -> float:
+    """NLL (nats) of a token sequence under the add-one smoothed unigram."""
+    total = sum(counts.values())
+    return sum(-math.log((counts.get(t, 0) + 1) / (total + vocab)) for t in token_ids)
+
+
+def unigram_baseline(tokenizer, counts: Counter, val: list[Example]) -> dict:
     nll = toks = chars = 0.0
     for ex in val:
         if ex.kind.startswith("policy"):
             ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            nll += sum(-math.log((counts[t] + 1) / (total + v)) for t in ids)
+            nll += unigram_nll(counts, len(tokenizer), ids)
             toks += len(ids)
             chars += len(ex.target) + 1
     return {"nll_per_token": nll / toks, "nll_per_char": nll / chars}
@@ -361,10 +373,12 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
     train_seconds = time.time() - t_train
 
     final = evaluate(model, tokenizer, val, val_enc, 32)
-    base = unigram_baseline(tokenizer, train, val)
+    counts = unigram_counts(tokenizer, train)
+    base = unigram_baseline(tokenizer, counts, val)
     model.config.dtype = "float16"  # halves the checkpoint; backends load it as float32 on CPU
     model.to("cpu").half().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / UNIGRAM_FILE).write_text(json.dumps({str(k): v for k, v in sorted(counts.items())}))
     write_curves(out, history)
     info = {"config": asdict(cfg), "data": data_info, "parameters": n_params, "tokens_seen": tokens_seen,
             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
