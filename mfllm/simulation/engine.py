@@ -124,6 +124,8 @@ class Simulator:
             if step is None or step.index != rec["step"]:
                 raise ConfigError(f"event {event.event_id}: the stored steps do not match the data; "
                                   "was the data changed since the run started?")
+            for iv in self.interventions:  # replay triggers (a one-shot inject must not fire again)
+                iv.begin_step(event, step)
             for a, (_, text) in zip(rec["actions"], _fed(rec["actions"], rec["phase"], self.cfg.teacher_forcing),
                                     strict=True):
                 run.history.add(a["action_id"], text, a.get("parent"), a.get("followers"), a["time"])

@@ -1,0 +1,527 @@
+"""Forecast an event's reactions: W observed actions as the warm-up, then H simulated agents, R times.
+
+    from mfllm.simulation.forecast import forecast
+    res = forecast(event, "out/fc", observe=32, horizon=96, runs=8)
+
+Writes to the output folder:
+
+- ``forecast.json``: per label (dimension, category) and bin of agents, the forecast share's mean and
+  5-95% band over the R runs, the observed (warm-up) shares, the real future's shares where the data has
+  it, and the scores;
+- ``forecast.csv``: the same series, one row per (bin, dimension, category);
+- ``forecast.png``: the trajectories with their bands (real future dashed);
+- ``forecast.md``: the error-by-horizon table when the real future exists;
+- ``runs/r0 .. runs/r{R-1}``: each replica's run directory (``mfllm export`` / ``mfllm evaluate`` read them).
+
+Scoring (when the data has the future): per horizon bucket (one bin of agents after the warm-up), KL,
+JS and Wasserstein-1 (mfllm.evaluation.metrics) between the real shares of the agents in that bucket and
+(a) the forecast (the mean share over runs), (b) one run (the mean of the per-run errors), (c) the
+persistence baseline (the warm-up's real shares), (d) the marginal baseline (the training split's
+shares; mfllm/assets/marginal_<labeler>_v<version>.json or --marginal), macro-averaged over the 8
+categorical dimensions. The real future at position i is the event's (W+i)-th real action: exactly the
+agent that was simulated there, unless --blind resampled every agent after the warm-up.
+
+A new event (no data file) is a small JSON file, see :func:`load_new_event`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mfllm.backends.base import Backend
+from mfllm.data.schema import Action, Event, Profile, SourcePost
+from mfllm.errors import ConfigError, DataError
+from mfllm.evaluation import metrics as M
+from mfllm.evaluation.dimensions import DIMENSIONS
+from mfllm.evaluation.labelers.base import Labeler
+from mfllm.paths import DEFAULT_MODEL
+from mfllm.simulation.engine import SimConfig
+from mfllm.simulation.whatif import (
+    BLOCKS,
+    CATS,
+    PLOT_CATS,
+    Trajectories,
+    _nums,
+    band,
+    bin_ranges,
+    block_shares,
+    check_config,
+    count_vector,
+    label_records,
+    make_labeler,
+    per_dim,
+    prepare_out,
+    replica_events,
+    resolve_backend,
+    run_arm,
+    trajectories,
+)
+from mfllm.store.run import atomic_write_json, atomic_write_text
+
+SCORE_METRICS = ("kl", "js", "wasserstein")
+_METRIC_FN = {"kl": M.kl, "js": M.js, "wasserstein": M.wasserstein}
+SOURCES = ("forecast", "one_run", "persistence", "marginal")
+
+# ------------------------------------------------------------------------------------------------ new events
+
+NEW_EVENT_KEYS = ("event_id", "label", "source", "early")
+
+
+def _time(v: Any, path: str, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise DataError(path, f"expected unix seconds or an ISO 8601 date, got {type(v).__name__}", field)
+    if isinstance(v, str):
+        try:
+            d = _dt.datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise DataError(path, f"expected unix seconds or an ISO 8601 date, got {v[:40]!r}", field) from None
+        if d.tzinfo is None:
+            raise DataError(path, f"ISO date {v[:40]!r} has no UTC offset; add one (e.g. +08:00)", field)
+        return d.timestamp()
+    if not math.isfinite(v):
+        raise DataError(path, "time must be finite", field)
+    return float(v)
+
+
+def load_new_event(path: str | Path) -> Event:
+    """A new event from a small JSON file (no data set needed)::
+
+        {"event_id": "my-event",                      (optional; default: the file name)
+         "source": {"text": "...", "time": 1700000000, "author": {...profile...}},   (author optional)
+         "early": [{"text": "...", "time": "2023-11-14T22:20:00+08:00", "profile": {"followers": 120}}]}
+
+    Times are unix seconds or ISO 8601 with a UTC offset. ``early`` are the first reactions seen so far
+    (time-ordered on load; ``text`` "" = a plain repost; ``profile`` keys are those of the JSONL format's
+    profiles, all optional). They become the warm-up; the agents after them are resampled from them.
+    """
+    from mfllm.data.jsonl import profile_from_dict
+
+    p = str(path)
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(p, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(p, f"cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(p, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise DataError(p, "expected a JSON object with 'source' and 'early'")
+    for k in d:
+        if k not in NEW_EVENT_KEYS:
+            raise DataError(p, f"unknown key; allowed: {', '.join(NEW_EVENT_KEYS)}", k)
+    src = d.get("source")
+    if not isinstance(src, dict):
+        raise DataError(p, "expected an object with 'text' and 'time'", "source")
+    for k in src:
+        if k not in ("text", "time", "author"):
+            raise DataError(p, "unknown key; allowed: text, time, author", f"source.{k}")
+    if not isinstance(src.get("text"), str) or not src["text"].strip():
+        raise DataError(p, "expected the source post's text (a non-empty string)", "source.text")
+    if "time" not in src:
+        raise DataError(p, "missing (unix seconds or ISO 8601)", "source.time")
+    t0 = _time(src["time"], p, "source.time")
+    author = profile_from_dict({"uid": "source", **src["author"]}, p, "source.author") \
+        if isinstance(src.get("author"), dict) else Profile(uid="source")
+    early = d.get("early", [])
+    if not isinstance(early, list):
+        raise DataError(p, "expected a list of reactions", "early")
+    acts = []
+    for i, a in enumerate(early):
+        where = f"early[{i}]"
+        if not isinstance(a, dict):
+            raise DataError(p, "expected an object with text, time (and profile)", where)
+        for k in a:
+            if k not in ("text", "time", "profile", "agent_id", "depth"):
+                raise DataError(p, "unknown key; allowed: text, time, profile, agent_id, depth", f"{where}.{k}")
+        if not isinstance(a.get("text", ""), str):
+            raise DataError(p, "expected a string (\"\" = a plain repost)", f"{where}.text")
+        if "time" not in a:
+            raise DataError(p, "missing (unix seconds or ISO 8601)", f"{where}.time")
+        t = _time(a["time"], p, f"{where}.time")
+        if t < t0:
+            raise DataError(p, "earlier than the source post", f"{where}.time")
+        agent = str(a.get("agent_id") or f"early{i + 1}")
+        prof = profile_from_dict({"uid": agent, **(a.get("profile") or {})}, p, f"{where}.profile")
+        depth = a.get("depth", 1)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise DataError(p, "expected an integer >= 1", f"{where}.depth")
+        extra = dict(prof.extra)
+        extra.setdefault("reposts_source", depth == 1)
+        extra.setdefault("minutes_after_source", round((t - t0) / 60.0, 1))
+        prof.extra = extra
+        acts.append(Action(f"early{i + 1}", agent, t, a.get("text", ""), None, prof, depth))
+    acts.sort(key=lambda x: x.time)
+    eid = d.get("event_id") or Path(path).stem
+    if not isinstance(eid, str) or not eid:
+        raise DataError(p, "expected a non-empty string", "event_id")
+    label = d.get("label")
+    if label is not None and not isinstance(label, str):
+        raise DataError(p, "expected a string", "label")
+    return Event(eid, SourcePost(src["text"], t0, author), acts, label=label, origin=p)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def real_future_counts(event: Event, observe: int, n_positions: int, bin_agents: int, n_bins: int,
+                       labels: dict, until_time: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, K) label counts and (B,) numbers of the real actions after the warm-up, binned by position."""
+    counts = np.zeros((n_bins, len(CATS)))
+    n = np.zeros(n_bins)
+    future = event.actions[observe:observe + n_positions]
+    for i, a in enumerate(future):
+        if until_time is not None and a.time > until_time:
+            break
+        b = i // bin_agents
+        if b >= n_bins:
+            break
+        counts[b] += count_vector([labels.get(a.text)])
+        n[b] += 1
+    return counts, n
+
+
+def _metric(name: str, real: np.ndarray, pred: np.ndarray) -> float | None:
+    if real.sum() <= 0 or not np.all(np.isfinite(pred)) or pred.sum() <= 0:
+        return None
+    return float(_METRIC_FN[name](real, pred))
+
+
+def score_forecast(real: np.ndarray, shares: np.ndarray, warm: np.ndarray, marginal: dict | None) -> list[dict]:
+    """Per bin: {source: {metric: macro over dimensions}} (None where nothing to compare).
+
+    real (B, K) counts; shares (R, B, K) per-run forecast shares; warm (K,) warm-up counts."""
+    mean = band(shares)[0] if shares.size else np.full(real.shape, np.nan)
+    marg = None
+    if marginal is not None:
+        dists = marginal.get("distributions") or {}
+        marg = np.array([float((dists.get(d) or {}).get(c, 0.0)) for d, cs in DIMENSIONS.items() for c in cs])
+    out = []
+    for b in range(real.shape[0]):
+        res: dict[str, dict[str, float | None]] = {}
+        for src in SOURCES:
+            per_metric: dict[str, float | None] = {}
+            for m in SCORE_METRICS:
+                vals = []
+                for sl in BLOCKS.values():
+                    rc = real[b, sl]
+                    if src == "forecast":
+                        v = _metric(m, rc, mean[b, sl])
+                    elif src == "one_run":
+                        rv = [_metric(m, rc, shares[r, b, sl]) for r in range(shares.shape[0])]
+                        rv = [x for x in rv if x is not None]
+                        v = float(np.mean(rv)) if rv else None
+                    elif src == "persistence":
+                        v = _metric(m, rc, warm[sl])
+                    else:
+                        v = _metric(m, rc, marg[sl]) if marg is not None else None
+                    if v is not None:
+                        vals.append(v)
+                per_metric[m] = float(np.mean(vals)) if vals else None
+            res[src] = per_metric
+        out.append(res)
+    return out
+
+
+def load_marginal_for(lab: Labeler, marginal: str | Path | dict | None) -> tuple[dict | None, str]:
+    from mfllm.evaluation import distributions as D
+
+    if isinstance(marginal, dict):
+        return marginal, "given"
+    if marginal is not None:
+        return D.load_marginal(marginal), str(marginal)
+    p = D.marginal_path(str(getattr(lab, "name", "?")), str(getattr(lab, "version", "?")))
+    if p.is_file():
+        return D.load_marginal(p), str(p)
+    return None, f"unavailable (no {p.name}; pass --marginal FILE)"
+
+
+def scores_markdown(scores: dict) -> str:
+    cols = [(s, m) for s in SOURCES for m in SCORE_METRICS]
+    head = "| horizon (agents after the warm-up) | real agents | " + " | ".join(
+        f"{s.replace('_', ' ')} {M.SHORT_NAMES.get(m, m)}" for s, m in cols) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(cols)]
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for row in scores["buckets"]:
+        lines.append(f"| {row['agents'][0]}-{row['agents'][1]} | {row['n_real']} | "
+                     + " | ".join(f(row[s][m]) for s, m in cols) + " |")
+    o = scores["overall"]
+    lines.append("| **all** | " + str(sum(r["n_real"] for r in scores["buckets"])) + " | "
+                 + " | ".join(f(o[s][m]) for s, m in cols) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ forecast
+
+
+def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None = None,
+             horizon_time: float | None = None, runs: int = 8, config: SimConfig | None = None,
+             backend: Backend | None = None, backend_name: str = "hf", model: str | None = None,
+             backend_options: dict | None = None, labeler: str | Labeler = "rules",
+             label_cache: str | Path | None = None, marginal: str | Path | dict | None = None,
+             bin_steps: int = 1, blind: bool = False, data: str | None = None, plots: bool = True,
+             progress: bool = True, force: bool = False) -> dict:
+    """Simulate R replicas of `event` after its first `observe` actions; write and return the forecast."""
+    config = (config or SimConfig()).model_copy(update={"warmup": observe})
+    check_config(config)
+    if bin_steps < 1:
+        raise ConfigError("--bin-steps must be at least 1", field="bin_steps")
+    events = replica_events(event, runs, observe, horizon, horizon_time, config.seed, blind)
+    obs_time = event.actions[observe - 1].time if observe else event.source.time
+    until = obs_time + horizon_time if horizon_time is not None else None
+    if len(events[0].actions) <= observe:
+        raise ConfigError("nothing to simulate: no agent arrives within the horizon", field="horizon_time")
+    prepare_out(Path(out), force, check_only=True)
+    backend_given = backend
+    backend = resolve_backend(backend, backend_name, model, backend_options)
+    out = prepare_out(Path(out), force)
+    lab = make_labeler(labeler, label_cache)
+    meta = {"data": data, "backend_name": backend_name,
+            "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend_given is None else None),
+            "backend_options": {k: v for k, v in (backend_options or {}).items() if "key" not in k.lower()},
+            "whatif": {"command": "forecast", "event": event.event_id, "observe": observe, "horizon": horizon,
+                       "horizon_time": horizon_time, "runs": runs, "blind": blind}}
+    atomic_write_json(out / "whatif.json", {"command": "forecast", "event": event.event_id})
+    arm = run_arm("forecast", events, config, backend, out / "runs", meta, progress=progress)
+    k = config.step_size
+    n_real_future = len(event.actions) - observe
+    try:
+        labels = label_records([arm], lab, [a.text for a in event.actions[observe:]])
+        marg, marg_src = load_marginal_for(lab, marginal)
+    finally:
+        if lab is not labeler and hasattr(lab, "close"):
+            lab.close()
+    traj = trajectories(arm, labels, event.source.time, k)
+    counts, agents, hours = traj.bins(bin_steps)
+    shares = block_shares(counts)  # (R, B, K)
+    nb = counts.shape[1]
+    mean, lo, hi = band(shares)
+    warm_share = block_shares(traj.warm)
+    max_pos = max(len(e.actions) for e in events) - observe
+    real, n_real = real_future_counts(event, observe, min(max_pos, n_real_future), bin_steps * k, nb, labels, until)
+    has_real = bool(n_real.sum() > 0)
+    result: dict[str, Any] = {
+        "event": {"event_id": event.event_id, "label": event.label, "source": event.source.text[:200],
+                  "real_actions": len(event.actions), "source_time": event.source.time},
+        "config": {"observe": observe, "horizon": horizon, "horizon_time": horizon_time, "runs": runs,
+                   "blind": blind, "bin_steps": bin_steps, "step_size": k, "sim": config.model_dump(),
+                   "labeler": {"name": str(getattr(lab, "name", "?")), "version": str(getattr(lab, "version", "?"))}},
+        "agents_simulated_per_run": [int(x) for x in agents.sum(1)],
+        "beyond_real_data": max(0, max_pos - n_real_future),
+        "bins": {"agents": bin_ranges(nb, bin_steps, k, max_pos), "hours_after_source": _nums(band(hours[..., None])[0]),
+                 "real_agents": [int(x) for x in n_real]},
+        "observed": per_dim(warm_share, _num1),
+        "forecast": per_dim(np.stack([mean, lo, hi]), lambda v: {"mean": _nums(v[0]), "p5": _nums(v[1]),
+                                                                  "p95": _nums(v[2])}),
+        "real": per_dim(block_shares(real), _nums) if has_real else None,
+        "runs": [str(Path("runs") / d.name) for d in arm.dirs],
+        "seconds": arm.seconds,
+    }
+    if has_real:
+        per_bin = score_forecast(real, shares, traj.warm, marg)
+        buckets = [{"bin": b, "agents": result["bins"]["agents"][b], "n_real": int(n_real[b]), **per_bin[b]}
+                   for b in range(nb) if n_real[b] > 0]
+        overall = {s: {m: _mean([row[s][m] for row in buckets]) for m in SCORE_METRICS} for s in SOURCES}
+        result["scores"] = {"metrics": list(SCORE_METRICS), "sources": list(SOURCES),
+                            "macro_over": list(DIMENSIONS), "marginal": marg_src, "buckets": buckets,
+                            "overall": overall, "growth": _growth(buckets)}
+    else:
+        result["scores"] = None
+    if plots:
+        plot_forecast(out / "forecast.png", result)
+        result["plot"] = "forecast.png"
+    atomic_write_json(out / "forecast.json", result)
+    atomic_write_text(out / "forecast.csv", forecast_csv(result))
+    atomic_write_text(out / "forecast.md", forecast_markdown(result))
+    return result
+
+
+def _num1(v) -> float | None:
+    v = float(v)
+    return None if not math.isfinite(v) else round(v, 6)
+
+
+def _mean(vals) -> float | None:
+    v = [x for x in vals if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _growth(buckets: list[dict]) -> dict | None:
+    """Least-squares slope of the forecast's JS per 100 agents of horizon (how fast error grows)."""
+    pts = [((b["agents"][0] + b["agents"][1]) / 2, b["forecast"]["js"]) for b in buckets
+           if b["forecast"]["js"] is not None]
+    if len(pts) < 2:
+        return None
+    x, y = np.array(pts).T
+    slope = float(np.polyfit(x, y, 1)[0])
+    return {"js_per_100_agents": round(100 * slope, 6), "first_js": pts[0][1], "last_js": pts[-1][1]}
+
+
+def forecast_csv(res: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["bin", "agents_from", "agents_to", "hours_after_source", "dimension", "category", "mean", "p5",
+                "p95", "real", "real_agents", "observed"])
+    for b, (a0, a1) in enumerate(res["bins"]["agents"]):
+        for d, cs in DIMENSIONS.items():
+            for c in cs:
+                f = res["forecast"][d][c]
+                real = res["real"][d][c][b] if res["real"] else None
+                w.writerow([b, a0, a1, _fmt(res["bins"]["hours_after_source"][b]), d, c, _fmt(f["mean"][b]),
+                            _fmt(f["p5"][b]), _fmt(f["p95"][b]), _fmt(real), res["bins"]["real_agents"][b],
+                            _fmt(res["observed"][d][c])])
+    return buf.getvalue()
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def forecast_markdown(res: dict) -> str:
+    ev, cfg = res["event"], res["config"]
+    hz = f"{cfg['horizon']} agents" if cfg["horizon"] is not None else f"{cfg['horizon_time']:g} s"
+    lines = [f"# Forecast: {ev['event_id']} ({ev.get('label') or 'unlabelled'})", "", f"> {ev['source'][:120]}", "",
+             f"- observed (warm-up): {cfg['observe']} real actions; horizon: {hz}; {cfg['runs']} runs; "
+             f"steps of {cfg['step_size']} agents; bins of {cfg['bin_steps'] * cfg['step_size']} agents",
+             f"- agents simulated per run: {res['agents_simulated_per_run']}"
+             + (f" ({res['beyond_real_data']} beyond the real data, resampled)" if res["beyond_real_data"] else ""),
+             "- band: 5-95% of the runs' shares; forecast = the mean over runs", ""]
+    s = res.get("scores")
+    if s:
+        lines += ["## Error by horizon", "",
+                  f"Macro over the {len(s['macro_over'])} categorical dimensions; lower is better. "
+                  "`one run` = the mean error of a single run; persistence = the warm-up's shares; "
+                  f"marginal: {s['marginal']}.", "", scores_markdown(s), ""]
+        if s.get("growth"):
+            g = s["growth"]
+            lines += [f"Forecast JS grows by {g['js_per_100_agents']:+.4f} per 100 agents of horizon "
+                      f"({g['first_js']:.3f} in the first bucket, {g['last_js']:.3f} in the last).", ""]
+    else:
+        lines += ["No real future in the data for this horizon: nothing to score.", ""]
+    if res.get("plot"):
+        lines += [f"![forecast]({res['plot']})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:  # the evaluation plots' CJK font setup, when present
+        import mfllm.evaluation.plots  # noqa: F401
+    except Exception:  # pragma: no cover - plots are optional
+        pass
+    return plt
+
+
+def _grid(plt, title: str):
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.07, top=0.91, wspace=0.18, hspace=0.32)
+    fig.suptitle(title, fontsize=11)
+    return fig, axes.ravel()
+
+
+def plot_forecast(path: Path, res: dict) -> None:
+    plt = _plt()
+    x = [a1 for _, a1 in res["bins"]["agents"]]
+    cfg = res["config"]
+    fig, axes = _grid(plt, f"{res['event']['event_id']}: forecast after {cfg['observe']} observed actions "
+                           f"({cfg['runs']} runs, mean and 5-95% band; real future dashed, observed share at 0)")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
+        for j, c in enumerate(cats):
+            col = colors[j % len(colors)]
+            f = res["forecast"][d][c]
+            m = np.array([np.nan if v is None else v for v in f["mean"]])
+            lo = np.array([np.nan if v is None else v for v in f["p5"]])
+            hi = np.array([np.nan if v is None else v for v in f["p95"]])
+            ax.plot(x, m, "-o", ms=3, color=col, label=c)
+            ax.fill_between(x, lo, hi, color=col, alpha=0.18, lw=0)
+            obs = res["observed"][d][c]
+            if obs is not None:
+                ax.plot([0], [obs], "s", color=col, ms=5)
+            if res["real"]:
+                rv = np.array([np.nan if v is None else v for v in res["real"][d][c]])
+                ax.plot(x, rv, "--x", ms=4, color=col, alpha=0.9)
+        ax.set_title(d, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("agents after the warm-up", fontsize=8)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trajectories(path: Path, arms: dict[str, Trajectories], bin_steps: int, title: str,
+                      marker_step: int | None = None, total: int | None = None) -> None:
+    plt = _plt()
+    fig, axes = _grid(plt, title)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":"]
+    first = next(iter(arms.values()))
+    k = first.step_size
+    for ai, (name, tr) in enumerate(arms.items()):
+        counts, _, _ = tr.bins(bin_steps)
+        mean, lo, hi = band(block_shares(counts))
+        x = [a1 for _, a1 in bin_ranges(counts.shape[1], bin_steps, k, total)]
+        for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
+            for j, c in enumerate(cats):
+                i = BLOCKS[d].start + DIMENSIONS[d].index(c)
+                col = colors[j % len(colors)]
+                ax.plot(x, mean[:, i], styles[ai % 3], marker="o" if ai == 0 else "^", ms=3, color=col,
+                        label=f"{c} ({name})")
+                ax.fill_between(x, lo[:, i], hi[:, i], color=col, alpha=0.12 if ai == 0 else 0.08, lw=0)
+    for ax, d in zip(axes, PLOT_CATS, strict=True):
+        if marker_step is not None:
+            xs = (marker_step - first.first_step) * k
+            ax.axvline(xs, color="k", lw=0.8, ls=":")
+        ax.set_title(d, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("agents after the warm-up (dotted: intervention)", fontsize=8)
+        ax.legend(fontsize=6, loc="best")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_effects(path: Path, res: dict, title: str) -> None:
+    plt = _plt()
+    fig, axes = _grid(plt, title)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    x = np.array([a1 for _, a1 in res["bins"]["agents"]], dtype=float)
+    k = res["config"]["step_size"]
+    xs = (res["intervention"]["start_step"] - res["intervention"]["first_rollout_step"]) * k
+    for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
+        for j, c in enumerate(cats):
+            s = res["effect_by_bin"][d][c]
+            m = 100 * np.array([np.nan if v is None else v for v in s["mean"]])
+            lo = 100 * np.array([np.nan if v is None else v for v in s["lo"]])
+            hi = 100 * np.array([np.nan if v is None else v for v in s["hi"]])
+            col = colors[j % len(colors)]
+            ax.plot(x, m, "-o", ms=3, color=col, label=c)
+            ax.fill_between(x, lo, hi, color=col, alpha=0.18, lw=0)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(xs, color="k", lw=0.8, ls=":")
+        ax.set_title(d, fontsize=10)
+        ax.set_ylabel("points", fontsize=8)
+        ax.set_xlabel("agents after the warm-up (dotted: intervention)", fontsize=8)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
