@@ -10,6 +10,7 @@ the share of plain reposts against the real share, sample actions, and agents pe
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -84,6 +85,19 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
         scored = be.score_tokens(prompts[m], conts)
         nll[m] = {"nll_per_char": -sum(s for s, _ in scored) / chars,
                   "nll_per_token": -sum(s for s, _ in scored) / sum(n for _, n in scored)}
+    # the repost decision alone: p(repost) = p("[转发]" + end | prompt); binary log-loss against the real choice
+    marker = strings(lang)["repost"] + eos
+    is_repost = [t == strings(lang)["repost"] for t in targets]
+    repost_decision = {}
+    for m in ("mf", "mf-other", "state"):
+        lp = [s for s, _ in be.score_tokens(prompts[m], [marker] * len(targets))]
+        p = [min(max(math.exp(x), 1e-6), 1 - 1e-6) for x in lp]
+        repost_decision[m] = {
+            "log_loss": -sum(math.log(pi if r else 1 - pi) for pi, r in zip(p, is_repost, strict=True)) / len(p),
+            "mean_p_repost": sum(p) / len(p)}
+    base = sum(is_repost) / len(is_repost)
+    repost_decision["constant"] = {"log_loss": -(base * math.log(base) + (1 - base) * math.log(1 - base)),
+                                   "mean_p_repost": base}
     uni_path = Path(model) / UNIGRAM_FILE
     if uni_path.exists():
         counts = {int(k): v for k, v in json.loads(uni_path.read_text()).items()}
@@ -106,5 +120,5 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
             k += 1
         k += max(0, len(rows) - 2)
     return {"model": str(model), "data": str(data), "split": split, "events": len(events), "actions": len(targets),
-            "nll": nll, "repost_share": {"simulated": sum(s == "" for s in sims) / len(sims), "real": real_share},
+            "nll": nll, "repost_decision": repost_decision, "repost_share": {"simulated": sum(s == "" for s in sims) / len(sims), "real": real_share},
             "agents_per_s": len(reqs) / dt, "batch_seconds": dt, "samples": samples}
