@@ -24,36 +24,23 @@ def fail(e: MfllmError) -> typer.Exit:
 
 
 def _mount() -> None:
-    from mfllm.data.cli import data_app
-
-    app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
-    try:
-        from mfllm.evaluation.cli import compare_command, evaluate_command, marginal_command
-
-        app.command("evaluate")(evaluate_command)
-        app.command("compare")(compare_command)
-        app.command("marginal")(marginal_command)
-    except ImportError:  # pragma: no cover - the evaluation module is part of the package
-        pass
+    """Each part of the pipeline owns its commands; they are gathered here."""
     from mfllm.backends.server import serve_command
-
-    app.command("serve")(serve_command)
+    from mfllm.bench.cli import bench_app
+    from mfllm.data.cli import data_app
+    from mfllm.evaluation.cli import compare_command, evaluate_command, marginal_command
+    from mfllm.simulation.whatif_cli import forecast_command, intervene_command
     from mfllm.training.cli import train_app
 
-    app.add_typer(train_app, name="train", help="Train mfllm-mini, IB-Tune the mean-field model and the policy.")
-    for mod, name, attr in (("mfllm.bench.cli", "bench", "bench_app"),):
-        try:
-            sub = __import__(mod, fromlist=[attr])
-            app.add_typer(getattr(sub, attr), name=name, help="Benchmarks that print numbers (fidelity, throughput).")
-        except ImportError:
-            pass
-    for mod, cmds in (("mfllm.simulation.whatif_cli", ("forecast", "intervene")),):
-        try:
-            sub = __import__(mod, fromlist=list(cmds))
-            for c in cmds:
-                app.command(c)(getattr(sub, f"{c}_command"))
-        except ImportError:
-            pass
+    app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
+    app.command("evaluate")(evaluate_command)
+    app.command("compare")(compare_command)
+    app.command("marginal")(marginal_command)
+    app.command("forecast")(forecast_command)
+    app.command("intervene")(intervene_command)
+    app.command("serve")(serve_command)
+    app.add_typer(train_app, name="train", help="Train mfllm-mini; IB-Tune the mean-field model and the policy.")
+    app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers (fidelity, throughput, model).")
 
 
 @app.command()
@@ -109,12 +96,32 @@ def simulate(
             if backend == "openai":
                 opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env}
             s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
-                        config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet)
+                        config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet,
+                        on_skipped=_report_skipped)
     except MfllmError as e:
         raise fail(e) from None
     except ValueError as e:  # pydantic validation of options
-        raise fail(MfllmError(str(e))) from None
+        raise fail(_option_error(e)) from None
     err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
+
+
+def _report_skipped(skipped: list) -> None:
+    err.print(f"[yellow]warning:[/] {len(skipped)} bad input file(s) / line(s) skipped:", highlight=False)
+    for e in skipped[:20]:
+        err.print(f"  {e}", highlight=False, markup=False, soft_wrap=True)
+    if len(skipped) > 20:
+        err.print(f"  ... and {len(skipped) - 20} more (see `mfllm data stats`)", highlight=False)
+
+
+def _option_error(e: ValueError) -> MfllmError:
+    """One line for a pydantic validation error of the options (the first problem)."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return MfllmError(str(e))
+    first = (errors() or [{}])[0]
+    name = ".".join(str(x) for x in first.get("loc", ())) or "options"
+    more = f" (and {len(errors()) - 1} more)" if len(errors()) > 1 else ""
+    return MfllmError(f"option {name}: {first.get('msg', 'invalid')} (got {first.get('input')!r}){more}")
 
 
 @app.command()
