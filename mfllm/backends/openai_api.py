@@ -314,16 +314,19 @@ class OpenAIBackend:
             raise _Retryable("bad_response", "the completion is not a string")
         if self.empty_is_error and not text.strip():
             raise _Retryable("empty", "the server returned an empty completion")
-        usage = data.get("usage") or {}
-        details = usage.get("prompt_tokens_details") or {}
-        finish = choice.get("finish_reason") or "stop"
-        return _Result(
-            text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            generated_tokens=int(usage.get("completion_tokens") or 0),
-            finish_reason="length" if finish == "length" else "stop",
-            cached_prompt_tokens=int(details.get("cached_tokens") or 0),
-        )
+        try:
+            usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            finish = choice.get("finish_reason") or "stop"
+            return _Result(
+                text=text,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                generated_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason="length" if finish == "length" else "stop",
+                cached_prompt_tokens=int(details.get("cached_tokens") or 0),
+            )
+        except (AttributeError, TypeError, ValueError):
+            raise _Retryable("bad_response", "malformed 'usage' in the response") from None
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         if not requests:
@@ -427,7 +430,11 @@ class OpenAIBackend:
             retry_after = None
             try:
                 self.http_requests += 1
-                resp = await client.post(path, json=body, headers=self._headers())
+                # httpx's timeout bounds each read, not the whole answer: a server trickling a byte at a time
+                # would hold the call forever. This bounds the attempt.
+                resp = await asyncio.wait_for(
+                    client.post(path, json=body, headers=self._headers()), self.timeout_s
+                )
                 status = resp.status_code
                 if status == 200:
                     try:
@@ -450,7 +457,7 @@ class OpenAIBackend:
                 raise BackendError(kind, f"HTTP {status} from {self.base_url}{path}: {detail}")
             except _Retryable as e:
                 last_kind, last_msg, retry_after = e.kind, e.message, e.retry_after
-            except httpx.TimeoutException:
+            except (TimeoutError, httpx.TimeoutException):
                 last_kind, last_msg = (
                     "timeout",
                     f"no answer from {self.base_url}{path} within {self.timeout_s}s",

@@ -7,14 +7,19 @@ from typing import Any
 from mfllm.backends.base import Backend
 from mfllm.errors import ConfigError
 
-BACKENDS = ("hf", "openai", "vllm")
+BACKENDS = ("hf", "openai", "vllm", "ray:hf", "ray:vllm")
 
 
 def make_backend(name: str, **options: Any) -> Backend:
     """``"hf"`` -> :class:`~mfllm.backends.hf.HFBackend` (``model_path=...``),
     ``"openai"`` -> :class:`~mfllm.backends.openai_api.OpenAIBackend` (``base_url=..., model=...``),
-    ``"vllm"`` -> :class:`~mfllm.backends.vllm_engine.VLLMBackend` (``model=...``)."""
+    ``"vllm"`` -> :class:`~mfllm.backends.vllm_engine.VLLMBackend` (``model=...``),
+    ``"ray:<inner>"`` -> :class:`~mfllm.backends.ray_pool.RayBackend`: replicas of ``<inner>`` on a Ray cluster."""
     key = (name or "").strip().lower()
+    if key == "ray" or key.startswith("ray:"):  # replicas of another backend on a Ray cluster
+        from mfllm.backends.ray_pool import RayBackend
+
+        return RayBackend.from_options(key.partition(":")[2] or options.pop("inner", "hf"), **options)
     if key in ("hf", "transformers", "local"):
         from mfllm.backends.hf import HFBackend as cls
     elif key in ("openai", "openai_api", "http"):

@@ -483,21 +483,28 @@ def serve_command(
     name: str = typer.Option("", "--name", help="model name to serve under (default: the directory name)"),
 ) -> None:
     """Serve a local model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    adapters = {}
-    for item in adapter:
-        role, sep, path = item.partition("=")
-        if not sep or not role or not path:
-            from mfllm.errors import ConfigError
+    from mfllm.errors import ConfigError
 
-            raise ConfigError(f"--adapter must be ROLE=PATH, not {item!r}", field="adapter")
-        adapters[role] = path
-    serve(
-        model,
-        host,
-        port,
-        device=device,
-        dtype=None if dtype == "auto" else dtype,
-        batch_size=batch_size,
-        adapters=adapters or None,
-        model_name=name or None,
-    )
+    try:
+        adapters = {}
+        for item in adapter:
+            role, sep, path = item.partition("=")
+            if not sep or not role or not path:
+                raise ConfigError(f"--adapter must be ROLE=PATH, not {item!r}", field="adapter")
+            adapters[role] = path
+        try:
+            serve(
+                model,
+                host,
+                port,
+                device=device,
+                dtype=None if dtype == "auto" else dtype,
+                batch_size=batch_size,
+                adapters=adapters or None,
+                model_name=name or None,
+            )
+        except OSError as e:  # e.g. the port is taken
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}", field="port") from None
+    except MfllmError as e:  # one clear line, no traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=getattr(e, "exit_code", 2)) from None

@@ -191,8 +191,8 @@ def throughput_command(
     base_url: Annotated[str | None, typer.Option(help="openai backend: server URL.")] = None,
     device: Annotated[str | None, typer.Option(help="hf backend: auto | cpu | cuda | mps.")] = None,
     naive_agents: Annotated[int, typer.Option(help="Agents the one-at-a-time baseline simulates.")] = 64,
-    step_size: Annotated[int, typer.Option(help="Agents per step (mean-field update after each).")] = 256,
-    batch_size: Annotated[int, typer.Option(help="hf backend: rows per decoding batch.")] = 256,
+    step_size: Annotated[int, typer.Option(help="Agents per step (mean-field update after each).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="hf backend: rows per decoding batch.")] = 512,
     threads: Annotated[int | None, typer.Option(help="hf on CPU: torch threads (default: the backend's "
                                                      "rule; 1 for mfllm-mini).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generated tokens per agent at most.")] = 48,

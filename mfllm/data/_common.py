@@ -59,12 +59,40 @@ def parse_json_text(text: str, path: str) -> Any:
     if not text.strip():
         raise DataError(path, "the file is empty")
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         hint = "; is the file truncated?" if e.pos >= len(text.rstrip()) - 1 else ""
         raise DataError(path, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}{hint}") from None
     except RecursionError:
         raise DataError(path, "not valid JSON: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then walk the values
+        _check_surrogates(obj, path, "")
+    return obj
+
+
+# A JSON escape of a UTF-16 surrogate. A lone one (no pair) decodes to a Python str that cannot be
+# written as UTF-8: it would crash a run at its first write, far from the file that holds it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(obj: Any, path: str, where: str) -> None:
+    stack = [(obj, where)]
+    while stack:
+        v, w = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(
+                    path, f"invalid text: a lone UTF-16 surrogate (\\u{ord(v[e.start]):04x}) is not a character",
+                    w or None,
+                ) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, w))
+                stack.append((x, f"{w}.{k}" if w else str(k)))
+        elif isinstance(v, list):
+            stack.extend((x, f"{w}[{i}]") for i, x in enumerate(v))
 
 
 def read_json(path: Path | str) -> Any:

@@ -19,7 +19,7 @@ _VAL_END = 90
 
 
 def _bucket(event_id: str) -> int:
-    digest = hashlib.sha256(str(event_id).encode("utf-8")).digest()
+    digest = hashlib.sha256(str(event_id).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") % 100
 
 

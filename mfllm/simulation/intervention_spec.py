@@ -239,6 +239,8 @@ def _read(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"invalid YAML{where}: {problem}", path=str(path)) from None
+    except (ValueError, TypeError, IndexError, RecursionError) as e:  # PyYAML bugs on e.g. "x: !!float ;"
+        raise ConfigError(f"invalid YAML: {type(e).__name__}: {str(e)[:120]}", path=str(path)) from None
 
 
 def parse_spec(obj_or_path: Any, path: str | None = None) -> Spec:

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from mfllm.backends.base import Backend
 from mfllm.data.load import load_events
 from mfllm.data.schema import Event
-from mfllm.errors import ConfigError, MfllmError
+from mfllm.errors import ConfigError, DataError, MfllmError
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import RunSummary, SimConfig, Simulator
 from mfllm.simulation.interventions import Intervention
@@ -60,12 +62,17 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
              config: SimConfig | None = None, backend: Backend | None = None, backend_name: str = "hf",
              model: str | None = None, backend_options: dict | None = None,
              interventions: list[Intervention] | None = None, intervention_spec: dict | None = None,
-             progress: bool = True, loaded: list[Event] | None = None) -> RunSummary:
-    """Start a new run in `out`. `loaded` lets a caller pass events it already holds."""
+             progress: bool = True, loaded: list[Event] | None = None,
+             on_skipped: Callable[[list[DataError]], None] | None = None) -> RunSummary:
+    """Start a new run in `out`. `loaded` lets a caller pass events it already holds. Bad input files
+    (or JSONL lines) are skipped and handed to `on_skipped` (default: logged as warnings)."""
     config = config or SimConfig()
+    check_config(config)  # before anything is loaded or written
     if loaded is None:
         res = load_events(data, split=split, limit=limit, event_ids=events)
         loaded = res.events
+        if res.skipped:
+            (on_skipped or _log_skipped)(res.skipped)
     if not loaded:
         raise ConfigError(f"no events selected from {data} (split={split}, events={events})")
     backend_options = dict(backend_options or {})
@@ -77,11 +84,65 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
         "sim": config.model_dump(),
         "backend": backend.describe(),
         "backend_name": backend_name,
-        "backend_options": {k: v for k, v in backend_options.items() if "key" not in k.lower()},
+        "backend_options": {k: v for k, v in backend_options.items() if not _secret_option(k)},
         "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" else None),
         "interventions": intervention_spec,
     })
     return _execute(store, loaded, config, backend, {}, interventions, progress)
+
+
+def check_config(config: SimConfig) -> None:
+    """The names a run needs (method, mean field, language), checked before a run directory exists."""
+    from mfllm.prompts.templates import LANGS
+    from mfllm.simulation.methods import METHODS
+
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}", field="method")
+    if config.meanfield not in ("stats", "llm"):
+        raise ConfigError(f"unknown mean-field model {config.meanfield!r}; choose stats or llm", field="meanfield")
+    if config.lang not in LANGS:
+        raise ConfigError(f"unknown prompt language {config.lang!r}; choose one of {', '.join(LANGS)}",
+                          field="lang")
+
+
+def _check_run_config(cfg, path: str) -> SimConfig:
+    """A run's config.json as resume needs it (a damaged or hand-edited file gives one clear error)."""
+    from pydantic import ValidationError
+
+    if not isinstance(cfg, dict):
+        raise ConfigError("expected a JSON object", path=path)
+    for key, types, what in (("sim", dict, "an object"), ("events", list, "a list of event ids"),
+                             ("data", str, "the data path")):
+        if not isinstance(cfg.get(key), types):
+            raise ConfigError(f"missing or not {what}", path=path, field=key)
+    if not all(isinstance(e, str) for e in cfg["events"]):
+        raise ConfigError("expected a list of event ids", path=path, field="events")
+    for key, types in (("backend_options", dict), ("backend_name", str), ("model", str)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], types):
+            raise ConfigError(f"expected {'an object' if types is dict else 'a string'}", path=path, field=key)
+    try:
+        return SimConfig(**cfg["sim"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ConfigError(f"{first.get('msg')} (got {first.get('input')!r})", path=path,
+                          field=f"sim.{loc}" if loc else "sim") from None
+
+
+def _secret_option(name: str) -> bool:
+    """Options that may hold a secret are never written. `api_key_env` / `api_key_file` hold only the
+    variable's name / the file's path (a resume needs them to find the key again)."""
+    n = name.lower()
+    if n.endswith(("_env", "_file")):
+        return False
+    return any(w in n for w in ("key", "token", "secret", "password"))
+
+
+def _log_skipped(skipped: list[DataError]) -> None:
+    log = logging.getLogger(__name__)
+    log.warning("%d bad input file(s) / line(s) skipped", len(skipped))
+    for e in skipped:
+        log.warning("skipped: %s", e)
 
 
 def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
@@ -90,7 +151,7 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     cfg = store.config()
     if store.is_done():
         raise ConfigError(f"{out} is already complete; nothing to resume")
-    config = SimConfig(**cfg["sim"])
+    config = _check_run_config(cfg, str(store.dir / "config.json"))
     loaded = load_events(cfg["data"], event_ids=cfg["events"]).events
     missing = set(cfg["events"]) - {e.event_id for e in loaded}
     if missing:

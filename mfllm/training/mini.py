@@ -290,7 +290,11 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
         rng = random.Random(cfg.seed)
         sample = rng.sample(train, min(30000, len(train)))
         tokenizer = train_tokenizer([e.prompt + e.target for e in sample], cfg.vocab_size)
-        tokenizer.save_pretrained(tok_dir)
+        tmp_tok = tok_dir.with_name(tok_dir.name + ".tmp")  # atomic: a kill never leaves a torn tokenizer
+        shutil.rmtree(tmp_tok, ignore_errors=True)
+        tokenizer.save_pretrained(tmp_tok)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp_tok, tok_dir)
 
     train_enc = [encode(tokenizer, e) for e in train]
     keep = [i for i, (t, _) in enumerate(train_enc) if len(t) <= cfg.max_len]
@@ -313,6 +317,9 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
     ckpt = work / "checkpoint"
+    old_ckpt = ckpt.with_name(ckpt.name + ".old")
+    if not ckpt.exists() and (old_ckpt / "progress.json").exists():  # killed between save_checkpoint's renames
+        os.replace(old_ckpt, ckpt)
     if (ckpt / "progress.json").exists():
         model, opt, start, history = load_checkpoint(ckpt, LlamaForCausalLM, opt_factory)
     else:

@@ -3,14 +3,35 @@
 ``FakeOpenAI(script)``: ``script(n, body, headers)`` returns (status, payload dict, extra headers) for the
 n-th request (0-based), or a float to sleep that long first and then answer ``ok_payload``. It counts
 requests and the most requests in flight at once.
+
+Transport-level faults: the script may also return ``RESET`` (drop the connection without an answer) or a
+``Raw(status, body_bytes, headers, declared=..., trickle_s=...)``: any bytes (not JSON, truncated with a
+larger Content-Length than sent, or trickled a byte at a time: a slow stream).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RESET = "reset"  # script answer: close the connection with a TCP reset, no HTTP answer
+
+
+@dataclass
+class Raw:
+    """A hand-made HTTP answer: `body` as is; `declared` = the Content-Length sent (more than the body:
+    a truncated answer, the connection is closed after the body); `trickle_s` = pause before each byte."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict = field(default_factory=dict)
+    declared: int | None = None
+    trickle_s: float = 0.0
 
 
 def ok_payload(text: str = "好的", prompt_tokens: int = 5, completion_tokens: int = 2) -> dict:
@@ -58,6 +79,13 @@ class FakeOpenAI:
                     if outer.delay_s:
                         time.sleep(outer.delay_s)
                     res = outer.script(n, body, dict(self.headers))
+                    if res == RESET:
+                        self.close_connection = True
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
+                    if isinstance(res, Raw):
+                        self._raw(res)
+                        return
                     if isinstance(res, (int, float)) and not isinstance(res, bool):
                         time.sleep(res)
                         res = (200, ok_payload(), {})
@@ -73,6 +101,26 @@ class FakeOpenAI:
                 finally:
                     with outer.lock:
                         outer.in_flight -= 1
+
+            def _raw(self, r: Raw) -> None:
+                try:
+                    self.send_response(r.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(r.declared if r.declared is not None else len(r.body)))
+                    for k, v in r.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    if r.trickle_s:
+                        for i in range(len(r.body)):
+                            self.wfile.write(r.body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(r.trickle_s)
+                    else:
+                        self.wfile.write(r.body)
+                except OSError:  # the client gave up (its timeout): expected
+                    pass
+                if r.declared is not None and r.declared > len(r.body):
+                    self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -1,0 +1,207 @@
+"""`mfllm bench fidelity`: row specs, the relative-KL arithmetic, and a tiny real end-to-end bench
+(2 shipped sample events, mf + state, the shipped mfllm-mini on CPU) that is re-run to check that
+finished work is skipped and an incomplete run is resumed to the same result."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mfllm.bench.cli import bench_app
+from mfllm.bench.fidelity import (
+    BUILTIN,
+    HORIZONS,
+    compare_pair,
+    parse_methods,
+    parse_variant,
+    relative_kl,
+    render_markdown,
+)
+from mfllm.errors import ConfigError
+from mfllm.store.run import read_steps
+
+TABLE_METRICS = ("kl", "js", "wasserstein", "dtw", "micro_f1")
+
+
+# ----------------------------------------------------------------------------------- rows
+
+
+def test_builtin_rows_and_variants():
+    rows = parse_methods("state,mf,mf-tf", ["ib=mf:policy=/x/p,mf=llm,mfa=/x/m", "st2=state:policy=/x/p"])
+    assert [r.name for r in rows][0] == "mf"  # mf runs first (baselines, shuffled control read it)
+    by = {r.name: r for r in rows}
+    assert by["mf-tf"].teacher_forcing and by["mf-tf"].method == "mf"
+    assert by["ib"].meanfield == "llm" and by["ib"].policy_adapter == "/x/p" and by["ib"].meanfield_adapter == "/x/m"
+    assert by["st2"].method == "state" and not by["st2"].is_mf
+    assert parse_variant("e=mf:context=empty").context == "empty"
+    assert parse_variant("t=mf-llm:tf=yes").teacher_forcing and parse_variant("t=mf-llm").meanfield == "llm"
+
+
+@pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])
+def test_bad_methods_are_refused(bad):
+    with pytest.raises(ConfigError):
+        parse_methods(bad)
+
+
+@pytest.mark.parametrize("bad", ["x", "x=", "mf=state", "x=foo", "x=state:tf=true", "x=mf:colour=red",
+                                 "x=mf:mf=gpt", "x=mf:context=other"])
+def test_bad_variants_are_refused(bad):
+    with pytest.raises(ConfigError):
+        parse_variant(bad)
+
+
+# ----------------------------------------------------------------------------------- arithmetic
+
+
+def test_compare_pair_is_the_relative_change_of_means_over_paired_events():
+    c = compare_pair([1.0, 2.0, None, 3.0], [2.0, 2.0, 5.0, 4.0], n_boot=500)
+    # paired events: (1,2), (2,2), (3,4): means 2 and 8/3
+    assert c["n"] == 3 and c["kl"] == pytest.approx(2.0) and c["against_kl"] == pytest.approx(8 / 3)
+    assert c["change"] == pytest.approx((2.0 - 8 / 3) / (8 / 3))
+    assert c["wins"] == pytest.approx(2 / 3)
+    assert c["diff"]["mean"] == pytest.approx(-2 / 3)
+    lo, hi = c["change_ci95"]
+    assert lo <= c["change"] <= hi <= 0.0
+    assert compare_pair([None], [1.0]) is None
+
+
+def test_relative_kl_picks_the_best_non_mf_row_per_horizon():
+    def v(xs):
+        return {h: {"kl": list(xs[i])} for i, h in enumerate(HORIZONS)}
+
+    vals = {
+        "mf": v([(1.0, 1.0), (2.0, 2.0), (3.0, 3.0)]),
+        "state": v([(2.0, 2.0), (2.0, 2.0), (2.0, 2.0)]),
+        "recent": v([(4.0, 4.0), (1.0, 1.0), (6.0, 6.0)]),
+        "persistence": v([(0.5, 0.5), (4.0, 4.0), (3.0, 3.0)]),
+        "marginal": v([(None, None), (None, None), (None, None)]),
+        "mf-tf": v([(0.5, 1.5), (1.0, 1.0), (6.0, 6.0)]),
+    }
+    rel = relative_kl(vals, ["mf", "mf-tf"], ["state", "recent"], n_boot=0)
+    assert "vs_mf" not in rel["mf"]["short"]
+    assert rel["mf-tf"]["short"]["vs_mf"]["change"] == pytest.approx(0.0)
+    assert rel["mf-tf"]["mid"]["vs_mf"]["change"] == pytest.approx(-0.5)
+    assert rel["mf-tf"]["long"]["vs_best_non_mf"]["change"] == pytest.approx(2.0)
+    r = rel["mf"]
+    assert r["short"]["vs_best_non_mf"]["against"] == "state"
+    assert r["short"]["vs_best_non_mf"]["change"] == pytest.approx(-0.5)
+    assert r["mid"]["vs_best_non_mf"]["against"] == "recent"
+    assert r["mid"]["vs_best_non_mf"]["change"] == pytest.approx(1.0)
+    assert r["long"]["vs_best_non_mf"]["change"] == pytest.approx(0.5)
+    assert r["short"]["vs_persistence"]["change"] == pytest.approx(1.0)
+    assert r["mid"]["vs_persistence"]["change"] == pytest.approx(-0.5)
+    assert r["long"]["vs_marginal"] is None
+    assert r["long"]["vs"]["recent"]["change"] == pytest.approx(-0.5)
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+def _marginal(tmp: Path) -> Path:
+    """A marginal from sample events the bench does not score (the shipped file may not exist yet)."""
+    from mfllm.data.load import load_events
+    from mfllm.evaluation.distributions import compute_marginal, save_marginal
+    from mfllm.evaluation.labelers.rules import RulesLabeler
+    from mfllm.paths import SAMPLE_DATA
+
+    evs = load_events(SAMPLE_DATA).events[10:14]
+    return save_marginal(compute_marginal(evs, RulesLabeler()), tmp / "marginal.json")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    args = ["fidelity", "--limit", "2", "--methods", "state,mf", "--max-agents", "8", "--step-size", "4", "--warmup", "16",
+            "--seed", "3", "--label-cache", str(tmp / "labels.sqlite"), "--marginal", str(_marginal(tmp)),
+            "--bootstrap", "200", "--quiet", "--out", str(tmp / "out")]
+    res = CliRunner().invoke(bench_app, args)
+    assert res.exit_code == 0, res.output
+    return tmp / "out", args, res.output
+
+
+def test_results_json_has_the_documented_shape(bench):
+    out, _, output = bench
+    r = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert r["schema"] == 1 and r["n_events"] == 2
+    assert r["rows"] == ["mf", "state", "persistence", "marginal"]
+    for row in r["rows"]:
+        for m in TABLE_METRICS:
+            for h in HORIZONS:
+                x = r["methods"][row][m][h]
+                assert isinstance(x, float) and math.isfinite(x), (row, m, h, x)
+                assert set(r["spread"][row][m][h]) == {"std", "ci95", "n"}
+    # relative KL = (KL_mf - KL_best_non_mf) / KL_best_non_mf on the table's means
+    for h in HORIZONS:
+        e = r["relative_kl"]["mf"][h]
+        assert e["vs_best_non_mf"]["against"] == "state"
+        kl_mf, kl_st = r["methods"]["mf"]["kl"][h], r["methods"]["state"]["kl"][h]
+        assert e["vs_best_non_mf"]["change"] == pytest.approx((kl_mf - kl_st) / kl_st)
+        kl_p = r["methods"]["persistence"]["kl"][h]
+        assert e["vs_persistence"]["change"] == pytest.approx((kl_mf - kl_p) / kl_p)
+    assert sum(d["n_events"] for d in r["domains"].values()) == 2
+    assert set(r["dimensions"]["mf"]["long"]) >= {"stance", "keywords"}
+    c = r["cost"]["mf"]
+    assert c["agents"] == 16 and c["llm_requests"] == 16 and c["prompt_tokens_per_agent"] > 0
+    assert r["settings"]["seed"] == 3 and r["settings"]["max_agents"] == 8 and r["settings"]["warmup"] == 16
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| mf |" in md and "persistence" in md and "Relative KL change" in md
+    assert render_markdown(r) == md  # results.md is rendered from results.json alone
+    assert "relative KL mf long" in output
+
+
+def test_runs_are_real_run_directories_with_the_same_agents(bench, tmp_path):
+    out, _, _ = bench
+    res = CliRunner().invoke(__import__("mfllm.cli", fromlist=["app"]).app,
+                             ["export", str(out / "runs" / "mf"), "--to", str(tmp_path / "a.jsonl")])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"event_id", "step", "agent_id", "phase", "real_text", "sim_text"} <= set(rows[0])
+
+    def rollout_agents(run):
+        return [(s["event_id"], a["action_id"]) for s in read_steps(out / "runs" / run)
+                if s["phase"] == "rollout" for a in s["actions"]]
+
+    assert rollout_agents("mf") == rollout_agents("state")  # same events, warm-up and cap
+    cfg = {r: json.loads((out / "runs" / r / "config.json").read_text())["sim"] for r in ("mf", "state")}
+    assert cfg["mf"]["seed"] == cfg["state"]["seed"] == 3 and cfg["mf"]["warmup"] == cfg["state"]["warmup"]
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_incomplete_one(bench):
+    out, args, _ = bench
+    res = CliRunner().invoke(bench_app, args)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"mf: complete, skipped", res.output) and re.search(r"state: complete, skipped", res.output)
+
+    run = out / "runs" / "state"
+    before = [(s["event_id"], s["step"], [a["sim_text"] for a in s["actions"]]) for s in read_steps(run)]
+    lines = (run / "steps.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = next(i for i, ln in enumerate(lines) if '"phase":"rollout"' in ln) + 1  # one rollout step kept
+    (run / "steps.jsonl").write_text("".join(lines[:keep]) + lines[keep][:40], encoding="utf-8")  # + a torn line
+    (run / "done.json").unlink()
+    res = CliRunner().invoke(bench_app, args)
+    assert res.exit_code == 0, res.output
+    assert "state: resuming" in res.output and "mf: complete, skipped" in res.output
+    after = [(s["event_id"], s["step"], [a["sim_text"] for a in s["actions"]]) for s in read_steps(run)]
+    assert sorted(after) == sorted(before)  # per-agent seeds: the resumed run equals the first one
+    cost = json.loads((out / "cost.json").read_text())
+    assert [s["mode"] for s in cost["state"]] == ["new", "resumed"]
+    r = json.loads((out / "results.json").read_text())
+    assert r["cost"]["state"]["agents"] == 16
+
+
+def test_a_run_made_with_other_settings_is_refused(bench):
+    out, args, _ = bench
+    bad = [a if a != "3" else "4" for a in args]  # --seed 4
+    res = CliRunner().invoke(bench_app, bad)
+    assert res.exit_code != 0 and "other settings" in res.output
+
+
+def test_builtin_names_are_documented():
+    doc = (Path(__file__).parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    for name in BUILTIN:
+        assert f"`{name}`" in doc
