@@ -232,7 +232,8 @@ def throughput_command(
         raise _fail(MfllmError(str(e))) from None
     n = r["engine"][-1]["agents"]
     typer.echo(f"engine: {r['agents_per_s']} agents/s at N={n}; naive (one agent per call): "
-               f"{r['naive']['agents_per_s']} agents/s; speed-up {r['speedup']}x")
+               f"{r['naive']['agents_per_s']} agents/s; speed-up {r['speedup']}x "
+               f"({r['speedup_cpu_time']}x on CPU time: {r['agents_per_cpu_s']} agents per CPU-second)")
     typer.echo("tokens per agent (mf): " + ", ".join(f"N={k}: {v}" for k, v in r["tokens_per_agent"].items()))
     fh = r["context_growth"]["full-history"]
     typer.echo("tokens per agent (full history, computed): " + ", ".join(f"N={k}: {v}" for k, v in fh.items()))

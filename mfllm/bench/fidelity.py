@@ -741,6 +741,20 @@ def run_cost(run_dir: Path, sessions: list[dict]) -> dict:
             "llm_requests_per_agent": per(requests)}
 
 
+def model_fingerprint(model: str | None) -> str | None:
+    """sha256 of a local model's weights (model.safetensors), so a table names the exact checkpoint."""
+    if not model:
+        return None
+    f = Path(model) / "model.safetensors"
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def machine_info(device: str | None = None) -> dict:
     cpu = platform.processor() or ""
     try:
@@ -815,6 +829,7 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory=None)
     if main["methods"]["marginal"]["kl"]["long"] is None and not any("marginal" in w for w in warnings):
         warnings.append("marginal baseline unavailable: " + str(main["marginal_source"]))
     cfg_example = json.loads((outcomes[0].run_dir / "config.json").read_text(encoding="utf-8"))
+    model_path = settings.model or (str(DEFAULT_MODEL) if settings.backend == "hf" else None)
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "kind": KIND,
@@ -825,7 +840,8 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory=None)
             "data": sel["data"], "split": settings.split, "limit": settings.limit,
             "events_selection": sel, "seed": settings.seed, "warmup": settings.main_warmup(),
             "warmups": settings.all_warmups(), "max_agents": settings.max_agents, "step_size": settings.step_size,
-            "model": settings.model or (str(DEFAULT_MODEL) if settings.backend == "hf" else None),
+            "model": model_path,
+            "model_sha256": model_fingerprint(model_path),
             "backend": settings.backend, "backend_described": cfg_example.get("backend"),
             "labeler": metrics_any["labeler"] if metrics_any else {"name": settings.labeler},
             "binning": metrics_any["binning"] if metrics_any else None,
@@ -901,7 +917,8 @@ def render_markdown(r: dict) -> str:
           f"- data: {st['data']} (split {st['split']}): {r['n_events']} events scored "
           f"({st['events_selection']['in_split']} in split, {st['events_selection']['too_short']} too short "
           f"for warm-up + rollout)",
-          f"- model: {st['model']} (backend {st['backend']}); seed {st['seed']}; warm-up {st['warmup']} real "
+          f"- model: {st['model']} (backend {st['backend']}"
+          + (f", weights sha256 {st['model_sha256'][:16]}…" if st.get("model_sha256") else "") + f"); seed {st['seed']}; warm-up {st['warmup']} real "
           f"actions; rollout capped at {st['max_agents'] or 'all'} agents/event; step {st['step_size']} agents",
           f"- labeler: {st['labeler'].get('name')} v{st['labeler'].get('version')}; bins: {st['binning']}; "
           f"marginal: {st['marginal']}",

@@ -290,13 +290,15 @@ def _pick_event(settings: ThroughputSettings):
     return data, ev
 
 
-def _simulate(data: str, out: Path, event, config, backend, backend_name: str, progress: bool) -> tuple[Any, float]:
+def _simulate(data: str, out: Path, event, config, backend, backend_name: str, progress: bool
+              ) -> tuple[Any, float, float]:
+    """(summary, wall seconds, this process's CPU seconds)."""
     from mfllm.simulation.runner import simulate
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = simulate(data, str(out), loaded=[event], config=config, backend=backend, backend_name=backend_name,
                        progress=progress)
-    return summary, time.perf_counter() - t0
+    return summary, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _sim_texts(run_dir: Path, limit: int) -> list[str | None]:
@@ -373,11 +375,12 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
             s0 = backend.stats.to_dict()
             la = load_avg()
             with RssSampler() as rs:
-                summ, secs = _simulate(data, work / tag, ev_n, config, naive_be, settings.backend, False)
+                summ, secs, cpu = _simulate(data, work / tag, ev_n, config, naive_be, settings.backend, False)
             d = _stats_delta(s0, backend.stats.to_dict())
             log(f"naive ({tag}): {summ.agents_simulated / secs:.2f} agents/s ({summ.agents_simulated} agents, "
                 f"{secs:.1f}s)")
             return {"agents": n_naive, "rollout_agents": summ.agents_simulated, "seconds": round(secs, 3),
+                    "cpu_seconds": round(cpu, 3),
                     "prompt_tokens": summ.prompt_tokens, "generated_tokens": summ.generated_tokens,
                     "cached_prompt_tokens": d.get("cached_prompt_tokens", 0), "backend_calls": d.get("calls", 0),
                     "rss_mb_max": round(rs.max_mb, 1), "load_avg": la}
@@ -392,15 +395,16 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
             s0 = backend.stats.to_dict()
             la = load_avg()
             with RssSampler() as rs:
-                summ, secs = _simulate(data, work / f"n{n}", ev_n, config, backend, settings.backend,
-                                       settings.progress)
+                summ, secs, cpu = _simulate(data, work / f"n{n}", ev_n, config, backend, settings.backend,
+                                            settings.progress)
             d = _stats_delta(s0, backend.stats.to_dict())
             k = max(1, summ.agents_simulated)
             computed = d["prompt_tokens"] - d["cached_prompt_tokens"] + d["generated_tokens"]
             flops = 2.0 * params * computed / secs if params and secs > 0 else None
             row = {"agents": n, "rollout_agents": summ.agents_simulated, "steps": summ.steps,
-                   "seconds": round(secs, 3),
+                   "seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
                    "agents_per_s": round(summ.agents_simulated / secs, 3) if secs > 0 else None,
+                   "agents_per_cpu_s": round(summ.agents_simulated / cpu, 3) if cpu > 0 else None,
                    "prompt_tokens_per_agent": round(summ.prompt_tokens / k, 2),
                    "generated_tokens_per_agent": round(summ.generated_tokens / k, 2),
                    "tokens_per_agent": round((summ.prompt_tokens + summ.generated_tokens) / k, 2),
@@ -424,15 +428,18 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
 
     k_agents = sum(r["rollout_agents"] for r in naive_runs)
     k_secs = sum(r["seconds"] for r in naive_runs)
+    k_cpu = sum(r["cpu_seconds"] for r in naive_runs)
     naive = {"agents": n_naive, "rollout_agents": k_agents, "seconds": round(k_secs, 3),
+             "cpu_seconds": round(k_cpu, 3),
              "agents_per_s": round(k_agents / k_secs, 3) if k_secs > 0 else None,
+             "agents_per_cpu_s": round(k_agents / k_cpu, 3) if k_cpu > 0 else None,
              "prompt_tokens_per_agent": round(sum(r["prompt_tokens"] for r in naive_runs) / max(1, k_agents), 2),
              "generated_tokens_per_agent": round(sum(r["generated_tokens"] for r in naive_runs) / max(1, k_agents),
                                                  2),
              "cached_prompt_tokens": sum(r["cached_prompt_tokens"] for r in naive_runs),
              "backend_calls": sum(r["backend_calls"] for r in naive_runs),
              "identical_fraction": identical,
-             "runs": [{k: r[k] for k in ("rollout_agents", "seconds", "rss_mb_max", "load_avg")} | {
+             "runs": [{k: r[k] for k in ("rollout_agents", "seconds", "cpu_seconds", "rss_mb_max", "load_avg")} | {
                  "agents_per_s": round(r["rollout_agents"] / r["seconds"], 3) if r["seconds"] else None}
                  for r in naive_runs]}
     peak = max(peak_before or 0.0, peak_after or 0.0) or None
@@ -447,6 +454,10 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
         "speedup": round(last["agents_per_s"] / naive["agents_per_s"], 3)
         if last["agents_per_s"] and naive["agents_per_s"] else None,
         "agents_per_s": last["agents_per_s"],
+        # the same ratio on this process's CPU time: what a shared machine's drifting load does not move
+        "speedup_cpu_time": round(last["agents_per_cpu_s"] / naive["agents_per_cpu_s"], 3)
+        if last["agents_per_cpu_s"] and naive["agents_per_cpu_s"] else None,
+        "agents_per_cpu_s": last["agents_per_cpu_s"],
         "tokens_per_agent": mf_tokens,
         "peak_fraction": last["peak_fraction"],
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -459,6 +470,8 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
         "context_growth": context_growth(backend, event, sizes, settings.lang, mf_tokens, gen_mean),
         "load_avg_end": load_avg(),
         "minutes_per_100k_agents": round(100000 / last["agents_per_s"] / 60, 1) if last["agents_per_s"] else None,
+        "cpu_minutes_per_100k_agents": round(100000 / last["agents_per_cpu_s"] / 60, 1)
+        if last["agents_per_cpu_s"] else None,
     })
     return result
 

@@ -111,6 +111,9 @@ def _check_run_config(cfg, path: str) -> SimConfig:
 
     if not isinstance(cfg, dict):
         raise ConfigError("expected a JSON object", path=path)
+    if "data" in cfg and cfg["data"] is None:
+        raise ConfigError("this run's events were passed in memory (no data path): it cannot be resumed",
+                          path=path, field="data")
     for key, types, what in (("sim", dict, "an object"), ("events", list, "a list of event ids"),
                              ("data", str, "the data path")):
         if not isinstance(cfg.get(key), types):
@@ -175,7 +178,8 @@ def _execute(store: RunStore, events: list[Event], config: SimConfig, backend: B
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     sim = Simulator(backend, config, interventions=interventions)
-    total = sum(len(e.actions) for e in events)
+    cap = None if config.max_rollout_agents is None else config.warmup + config.max_rollout_agents
+    total = sum(len(e.actions) if cap is None else min(len(e.actions), cap) for e in events)
     done_before = sum(len(r["actions"]) for recs in records.values() for r in recs)
     with StopFlag() as flag, Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("agents"), TimeElapsedColumn(), disable=not progress) as bar:
