@@ -19,7 +19,7 @@ def test_throughput_json_shape(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     # the keys independent checks read
-    for k in ("speedup", "agents_per_s", "peak_fraction", "peak_rss_mb"):
+    for k in ("speedup", "agents_per_s", "peak_fraction", "peak_rss_mb", "speedup_cpu_time", "agents_per_cpu_s"):
         assert isinstance(r[k], (int, float)) and r[k] > 0, k
     assert set(r["tokens_per_agent"]) == {"50", "100"}
     assert all(isinstance(v, (int, float)) and v > 0 for v in r["tokens_per_agent"].values())

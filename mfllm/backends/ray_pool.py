@@ -190,14 +190,15 @@ class _Worker:
         yield {"__summary__": box["summary"]}
 
 
-def _default_replicas(ray, num_gpus: float) -> int:
+def _default_replicas(ray, num_gpus: float, num_cpus: float = 1) -> int:
+    """MFLLM_RAY_REPLICAS, else as many as the cluster's GPUs (or CPUs) hold."""
     env = os.environ.get("MFLLM_RAY_REPLICAS")
     if env:
         return max(1, int(env))
     res = ray.cluster_resources()
     if num_gpus and res.get("GPU"):
         return max(1, int(res["GPU"] // num_gpus))
-    return max(1, int(res.get("CPU", 1)))
+    return max(1, int(res.get("CPU", 1) // max(num_cpus, 1e-9)))
 
 
 class RayBackend:
@@ -216,7 +217,7 @@ class RayBackend:
         self.spec = as_spec(backend_factory_spec)
         ray = ensure_ray(address, **(ray_init or {}))
         self._ray = ray
-        self.replicas = int(replicas) if replicas else _default_replicas(ray, num_gpus)
+        self.replicas = int(replicas) if replicas else _default_replicas(ray, num_gpus, num_cpus)
         if self.replicas < 1:
             raise ConfigError("replicas must be >= 1", field="replicas")
         self.min_shard = max(1, int(min_shard))
@@ -377,7 +378,7 @@ def run_events_parallel(events: Iterable, out: str | os.PathLike, backend_spec: 
             "parallel": {"replicas": replicas, "chunk": chunk or config.events_in_flight},
         })
     ray = ensure_ray(address)
-    n_actors = int(replicas) if replicas else _default_replicas(ray, num_gpus)
+    n_actors = int(replicas) if replicas else _default_replicas(ray, num_gpus, num_cpus)
     worker = ray.remote(_Worker)
     actors = [worker.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(spec) for _ in range(n_actors)]
     size = max(1, int(chunk or config.events_in_flight))

@@ -37,7 +37,7 @@ EMOTIONS: tuple[str, ...] = ("angry", "sad", "fear", "surprise", "happy")  # tie
 NEGATIVE_EMOTIONS = ("angry", "sad", "fear")
 
 MAX_KEYWORDS = 8
-_MEMO_LIMIT = 200_000
+_MEMO_LIMIT = 50_000  # texts; cleared when full. ~1.3 kB each: a simulation labels mostly unique texts
 
 _REPLY_RE = re.compile(r"^\s*(?:回复|回覆|reply)\s*@[^:：\s]{1,40}\s*[:：]", re.IGNORECASE)
 _URL_RE = re.compile(r"(?:https?|ftp)[:：]\S*|www\.\S+|t\.cn/\S*", re.IGNORECASE)
