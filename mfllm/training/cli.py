@@ -213,6 +213,7 @@ def train_ibtune_command(
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     threads: int = typer.Option(None, help="CPU threads for torch."),
+    eval_every: int = typer.Option(15, help="Stage 1: validate every this many steps (stage 2: every 20)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """IB-Tune both stages: the mean-field adapter, then the policy on m_t written by it (+ baselines).
@@ -228,7 +229,7 @@ def train_ibtune_command(
     try:
         s1 = _tune_config(out=str(out), beta=beta, length_penalty=length_penalty, lr=lr, steps=steps,
                           batch_size=batch_size, samples_k=samples_k, targets=targets, previous=previous,
-                          eval_every=15, **common)
+                          eval_every=eval_every, **common)
         s2 = _tune_config(out=str(out), lr=policy_lr, steps=policy_steps, batch_size=policy_batch_size,
                           eval_every=20, **common)
         infos = ib_tune(IBTunePlan(s1, s2, sft_baseline=sft_baseline, policy_base_mf=policy_base_mf), out,

@@ -868,6 +868,15 @@ def evaluate_meanfield(roles: Roles, units: list[Unit], cfg: TuneConfig, policy_
 
 
 @torch.no_grad()
+def sample_summaries(roles: Roles, units: list[Unit], cfg: TuneConfig, n: int = 4) -> list[dict]:
+    """One sampled m (temperature 1, fixed seed) for each of the first n val histories: to read."""
+    if not units:
+        return []
+    res = stage1_step(roles, units[:n], cfg, derive_seed(cfg.seed, "show"), backward=False, k=1)
+    return [{"event_id": u.event_id, "step": u.step, "m": t[0]} for u, t in zip(units, res["texts"], strict=False)]
+
+
+@torch.no_grad()
 def reference_rewards(roles: Roles, units: list[Unit], cfg: TuneConfig, policy_role: str | None) -> dict:
     """R on val with fixed contexts: the empty marker (no mean field) and the stats summary after step t."""
     empty = strings(cfg.lang)["empty_meanfield"]
@@ -1084,7 +1093,8 @@ def train_meanfield(cfg: TuneConfig, train_events: list[Event] | None = None, va
         ref = json.loads(ref_path.read_text())
     else:
         ref = {"val_before": evaluate_meanfield(roles, val, cfg, policy_role),
-               "val_reference": reference_rewards(roles, val, cfg, policy_role) if val else {}}
+               "val_reference": reference_rewards(roles, val, cfg, policy_role) if val else {},
+               "summaries_before": sample_summaries(roles, val, cfg)}
         ref_path.write_text(json.dumps(ref))
 
     def step_fn(s, batch):
@@ -1100,22 +1110,27 @@ def train_meanfield(cfg: TuneConfig, train_events: list[Event] | None = None, va
             "device": roles.device, **ref, "val_after": _val_of(history), "last_step": history[-1] if history else {},
             "estimator": "REINFORCE, leave-one-out baseline, KL as stop-gradient reward"
                          + (" + pathwise KL term" if cfg.pathwise_kl else "")}
-    write_meanfield_curves(Path(cfg.out), history)
+    write_meanfield_curves(Path(cfg.out), history, ref.get("val_before"), ref.get("val_reference"))
     if not finished:
         return info
+    info["summaries_after"] = sample_summaries(roles, val, cfg)
     return _finish(cfg, roles, "meanfield", info)
 
 
-def write_meanfield_curves(out: Path, history: list[dict]) -> None:
-    """reward_curve.csv and reward_curve.png: train objective / R / KL per step, val points."""
+def write_meanfield_curves(out: Path, history: list[dict], before: dict | None = None,
+                           reference: dict | None = None) -> None:
+    """reward_curve.csv and reward_curve.png: per step the batch's objective / R / KL / length (train R
+    varies with the batch's histories) and, every eval, the same on the fixed val histories (step 0:
+    before training)."""
     if not history:
         return
     keys = ["step", "objective", "reward", "kl", "length", "surrogate", "grad_norm", "lr",
             "val_objective", "val_reward", "val_kl", "val_length"]
+    rows = ([{"step": 0, **{f"val_{k}": v for k, v in before.items()}}] if before else []) + history
     with open(out / "reward_curve.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
-        for h in history:
+        for h in rows:
             wr.writerow({k: h.get(k, "") for k in keys})
     import matplotlib
 
@@ -1123,25 +1138,29 @@ def write_meanfield_curves(out: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    ev = [h for h in history if "val_reward" in h]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    ev = [h for h in rows if "val_reward" in h]
+    vs = [h["step"] for h in ev]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     ax = axes[0]
-    ax.plot(steps, [h["reward"] for h in history], lw=0.8, alpha=0.7, label="train R (log-lik / action)")
-    ax.plot(steps, [h["objective"] for h in history], lw=0.8, alpha=0.7, label="train R - beta KL")
-    if ev:
-        ax.plot([h["step"] for h in ev], [h["val_reward"] for h in ev], "o-", label="val R")
-        ax.plot([h["step"] for h in ev], [h["val_objective"] for h in ev], "s-", label="val R - beta KL")
-    ax.set_xlabel("step")
+    ax.plot(vs, [h["val_reward"] for h in ev], "o-", label="val R (log-lik / next action)")
+    ax.plot(vs, [h["val_objective"] for h in ev], "s-", label="val R - beta KL")
+    for name, style in (("reward_empty_marker", ":"), ("reward_stats_meanfield", "--")):
+        if reference and name in reference:
+            ax.axhline(reference[name], color="grey", ls=style, lw=1,
+                       label="val R, m = " + ("empty marker" if "empty" in name else "stats mean field"))
     ax.set_ylabel("nats")
-    ax.legend(fontsize=7)
     ax = axes[1]
-    ax.plot(steps, [h["kl"] for h in history], lw=0.8, label="train KL estimate")
-    if ev:
-        ax.plot([h["step"] for h in ev], [h["val_kl"] for h in ev], "o-", label="val KL estimate")
-    ax.set_xlabel("step")
+    ax.plot(steps, [h["kl"] for h in history], lw=0.8, alpha=0.6, label="train KL estimate")
+    ax.plot(vs, [h["val_kl"] for h in ev], "o-", label="val KL estimate")
     ax.set_ylabel("nats")
-    ax.legend(fontsize=7)
-    fig.suptitle("IB-Tune stage 1 (mean field)", fontsize=9)
+    ax = axes[2]
+    ax.plot(steps, [h["length"] for h in history], lw=0.8, alpha=0.6, label="train |m|")
+    ax.plot(vs, [h["val_length"] for h in ev], "o-", label="val |m|")
+    ax.set_ylabel("tokens")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle("IB-Tune stage 1 (mean field): prediction term, compression term, summary length", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "reward_curve.png", dpi=110)
     plt.close(fig)
