@@ -106,7 +106,8 @@ INFER_TEMPERATURE, INFER_TOP_P = 0.7, 0.95
 
 @dataclass
 class TuneConfig:
-    """One stage's settings. The defaults are sized for mfllm-mini on a 2-core CPU (see docs/ibtune.md)."""
+    """One stage's settings. Library defaults (step size 16 and 160-token summaries, as the simulation's
+    defaults); the CLI's defaults are the mfllm-mini CPU recipe (docs/ibtune.md, "Settings")."""
 
     out: str
     base: str = str(DEFAULT_MODEL)
