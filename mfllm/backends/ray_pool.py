@@ -366,13 +366,14 @@ def run_events_parallel(events: Iterable, out: str | os.PathLike, backend_spec: 
     else:
         inner_name = spec.name if isinstance(spec, BackendSpec) else None
         opts = dict(spec.options) if isinstance(spec, BackendSpec) else {}
+        from mfllm.simulation.runner import public_options
         store.create({
             "data": str(Path(data).resolve()) if data else None,
             "events": [e.event_id for e in events],
             "sim": config.model_dump(),
             "backend": {"backend": "ray", "inner": inner_name, "replicas": replicas},
             "backend_name": inner_name,
-            "backend_options": {k: v for k, v in opts.items() if k != "model" and "key" not in k.lower()},
+            "backend_options": {k: v for k, v in public_options(opts).items() if k != "model"},
             "model": opts.get("model") or opts.get("model_path"),
             "interventions": None,
             "parallel": {"replicas": replicas, "chunk": chunk or config.events_in_flight},

@@ -44,6 +44,7 @@ from mfllm.evaluation.dimensions import DIMENSIONS
 from mfllm.evaluation.labelers.base import Labeler
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig
+from mfllm.simulation.runner import public_options
 from mfllm.simulation.whatif import (
     BLOCKS,
     CATS,
@@ -289,7 +290,7 @@ def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None
     lab = make_labeler(labeler, label_cache)
     meta = {"data": data, "backend_name": backend_name,
             "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend_given is None else None),
-            "backend_options": {k: v for k, v in (backend_options or {}).items() if "key" not in k.lower()},
+            "backend_options": public_options(backend_options),
             "whatif": {"command": "forecast", "event": event.event_id, "observe": observe, "horizon": horizon,
                        "horizon_time": horizon_time, "runs": runs, "blind": blind}}
     atomic_write_json(out / "whatif.json", {"command": "forecast", "event": event.event_id})

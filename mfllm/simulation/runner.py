@@ -84,7 +84,7 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
         "sim": config.model_dump(),
         "backend": backend.describe(),
         "backend_name": backend_name,
-        "backend_options": {k: v for k, v in backend_options.items() if not _secret_option(k)},
+        "backend_options": public_options(backend_options),
         "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" else None),
         "interventions": intervention_spec,
     })
@@ -130,6 +130,11 @@ def _check_run_config(cfg, path: str) -> SimConfig:
         loc = ".".join(str(x) for x in first.get("loc", ()))
         raise ConfigError(f"{first.get('msg')} (got {first.get('input')!r})", path=path,
                           field=f"sim.{loc}" if loc else "sim") from None
+
+
+def public_options(options: dict | None) -> dict:
+    """Backend options that may be written to a run's files (never one that can hold a secret)."""
+    return {k: v for k, v in (options or {}).items() if not _secret_option(k)}
 
 
 def _secret_option(name: str) -> bool:

@@ -43,6 +43,7 @@ from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig, Simulator
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.population import synthetic_event
+from mfllm.simulation.runner import public_options
 from mfllm.store.run import atomic_write_json, atomic_write_text, read_steps
 
 REPLICA_SEP = "#r"
@@ -446,7 +447,7 @@ def intervene(event: Event, spec: Any, out: str | Path, *, observe: int = 48, ho
     lab = make_labeler(labeler, label_cache)
     meta = {"data": data, "backend_name": backend_name,
             "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend_given is None else None),
-            "backend_options": {k: v for k, v in (backend_options or {}).items() if "key" not in k.lower()},
+            "backend_options": public_options(backend_options),
             "whatif": {"command": "intervene", "event": event.event_id, "observe": observe, "horizon": horizon,
                        "runs": runs}}
     atomic_write_json(out / "whatif.json", {"command": "intervene", "event": event.event_id,
