@@ -63,6 +63,12 @@ def simulate(
     max_agents: int = typer.Option(None, help="Simulate at most this many rollout agents per event."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy; 1 = the model's own distribution)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling (1 = off: keeps the crowd's rarer reactions)."),
+    max_new_tokens: int = typer.Option(48, help="Most tokens one agent's action may take."),
+    meanfield_max_new_tokens: int = typer.Option(160, help="--meanfield llm: most tokens of one summary m_t."),
+    policy_adapter: Path = typer.Option(None, help="hf/vllm: a LoRA adapter dir for the policy "
+                                        "(from `mfllm train policy` / `ib-tune`)."),
+    meanfield_adapter: Path = typer.Option(None, help="hf/vllm with --meanfield llm: a LoRA adapter dir for "
+                                           "the mean-field model (from `mfllm train meanfield` / `ib-tune`)."),
     seed: int = typer.Option(0, help="Seed: a run with a local model is reproducible."),
     lang: str = typer.Option("zh", help="Prompt language: zh | en."),
     teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
@@ -89,10 +95,14 @@ def simulate(
                 from mfllm.store.run import remove_run
 
                 remove_run(out)
+            adapters = _adapter_dirs(backend, meanfield, policy_adapter, meanfield_adapter)
             cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
                             time_window=time_window, lang=lang, seed=seed, temperature=temperature, top_p=top_p,
-                            teacher_forcing=teacher_forcing, max_rollout_agents=max_agents)
-            opts = {}
+                            max_new_tokens=max_new_tokens, meanfield_max_new_tokens=meanfield_max_new_tokens,
+                            teacher_forcing=teacher_forcing, max_rollout_agents=max_agents,
+                            policy_adapter="policy" if policy_adapter else None,
+                            meanfield_adapter="meanfield" if meanfield_adapter else None)
+            opts = {"adapters": adapters} if adapters else {}
             if backend == "openai":
                 opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env}
             s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
@@ -103,6 +113,26 @@ def simulate(
     except ValueError as e:  # pydantic validation of options
         raise fail(_option_error(e)) from None
     err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
+
+
+def _adapter_dirs(backend: str, meanfield: str, policy: Path | None, mf: Path | None) -> dict[str, str]:
+    """Role -> absolute adapter dir (absolute so that --resume finds them from anywhere)."""
+    given = {"policy": policy, "meanfield": mf}
+    if not any(given.values()):
+        return {}
+    if backend not in ("hf", "vllm"):
+        raise MfllmError(f"--policy-adapter / --meanfield-adapter need a local model (--backend hf or vllm), "
+                         f"not {backend!r}; a server applies its own adapters")
+    if mf is not None and meanfield != "llm":
+        raise MfllmError("--meanfield-adapter needs --meanfield llm (the stats mean field has no model)")
+    out = {}
+    for role, path in given.items():
+        if path is None:
+            continue
+        if not path.is_dir():
+            raise MfllmError(f"--{role}-adapter {path}: not a directory")
+        out[role] = str(path.expanduser().resolve())
+    return out
 
 
 def _report_skipped(skipped: list) -> None:

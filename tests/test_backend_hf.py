@@ -297,3 +297,20 @@ def test_context_length_is_checked(be):
     with pytest.raises(BackendError) as ei:
         be.generate([GenerationRequest("微博" * 2000, params=GREEDY)])
     assert ei.value.kind == "context_length"
+
+
+def test_new_token_budget_is_cut_to_fit_the_context(be):
+    reps = 1
+    while len(be._encode_prompts(["微博" * (reps * 2)])[0]) < be.max_context - 12:
+        reps *= 2
+    prompt = "微博" * reps
+    room = be.max_context - len(be._encode_prompts([prompt])[0])
+    assert 0 < room <= be.max_context
+    before = be.stats.budget_capped
+    big = SamplingParams(temperature=1.0, max_new_tokens=room + 50)
+    out = be.generate([GenerationRequest(prompt, seed=3, params=big)])[0]
+    assert out.generated_tokens <= room
+    assert be.stats.budget_capped == before + 1
+    # the cut request generates exactly what a request asking for the room would
+    fit = be.generate([GenerationRequest(prompt, seed=3, params=SamplingParams(temperature=1.0, max_new_tokens=room))])[0]
+    assert fit.text == out.text and be.stats.budget_capped == before + 1

@@ -16,11 +16,13 @@ from mfllm.bench.cli import bench_app
 from mfllm.bench.fidelity import (
     BUILTIN,
     HORIZONS,
+    FidelitySettings,
     compare_pair,
     parse_methods,
     parse_variant,
     relative_kl,
     render_markdown,
+    sim_config,
 )
 from mfllm.errors import ConfigError
 from mfllm.store.run import read_steps
@@ -40,6 +42,10 @@ def test_builtin_rows_and_variants():
     assert by["st2"].method == "state" and not by["st2"].is_mf
     assert parse_variant("e=mf:context=empty").context == "empty"
     assert parse_variant("t=mf-llm:tf=yes").teacher_forcing and parse_variant("t=mf-llm").meanfield == "llm"
+    short = parse_variant("s=mf-llm:mfmax=64")
+    assert short.meanfield_max_new_tokens == 64
+    assert sim_config(FidelitySettings(out="x"), short, 48).meanfield_max_new_tokens == 64
+    assert sim_config(FidelitySettings(out="x"), parse_variant("d=mf-llm"), 48).meanfield_max_new_tokens == 160
 
 
 @pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])
@@ -49,7 +55,8 @@ def test_bad_methods_are_refused(bad):
 
 
 @pytest.mark.parametrize("bad", ["x", "x=", "mf=state", "x=foo", "x=state:tf=true", "x=mf:colour=red",
-                                 "x=mf:mf=gpt", "x=mf:context=other"])
+                                 "x=mf:mf=gpt", "x=mf:context=other", "x=mf-llm:mfmax=0", "x=mf-llm:mfmax=ten",
+                                 "x=state:mfmax=64", "x=mf:mf=stats,mfmax=64"])
 def test_bad_variants_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_variant(bad)

@@ -287,6 +287,8 @@ def test_cli_bad_file_one_line_naming_file_and_field(tmp_path, case):
     ("--temperature", "nan", "temperature"), ("--limit", "-1", "limit"), ("--split", "bogus", "split"),
     ("--data", "/nonexistent/x.jsonl", "no such file"), ("--events", "nope,nada", "no events selected"),
     ("--model", "/nonexistent-model", "model"), ("--backend", "grpc", "unknown backend"),
+    ("--policy-adapter", "/nonexistent-adapter", "not a directory"),
+    ("--meanfield-adapter", ".", "needs --meanfield llm"), ("--meanfield-max-new-tokens", "0", "meanfield_max_new"),
 ])
 def test_cli_bad_options_leave_no_run_directory(tmp_path, bad):
     opt, value, words = bad

@@ -52,6 +52,7 @@ class BackendStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens served from a reused prefix / response cache
+    budget_capped: int = 0  # requests whose max_new_tokens was cut to fit the context
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -61,6 +62,7 @@ class BackendStats:
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "budget_capped": self.budget_capped,
             "seconds": round(self.seconds, 3),
         }
 

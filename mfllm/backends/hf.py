@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -439,14 +440,25 @@ class HFBackend:
         for r in requests:
             self._check_adapter(r.adapter)
         enc = self._encode_prompts([r.prompt for r in requests])
+        capped = 0
         if self.max_context:
+            # A prompt that does not fit is an error; a new-token budget that does not fit is cut to what is
+            # left (finish_reason "length"), as offline engines do: a long summariser prompt late in an event
+            # should shorten its summary, not stop the run.
+            fitted = []
             for r, ids in zip(requests, enc, strict=True):
-                if len(ids) + r.params.max_new_tokens > self.max_context:
+                room = self.max_context - len(ids)
+                if room < 1:
                     raise BackendError(
                         "context_length",
-                        f"a prompt of {len(ids)} tokens + max_new_tokens {r.params.max_new_tokens} exceeds the "
-                        f"model's context of {self.max_context} tokens",
+                        f"a prompt of {len(ids)} tokens leaves no room to generate in the model's context of "
+                        f"{self.max_context} tokens",
                     )
+                if r.params.max_new_tokens > room:
+                    capped += 1
+                    r = GenerationRequest(r.prompt, r.seed, replace(r.params, max_new_tokens=room), r.adapter)
+                fitted.append(r)
+            requests = fitted
         results: list[Completion | None] = [None] * len(requests)
         groups: dict[str | None, list[int]] = {}
         for i, r in enumerate(requests):
@@ -474,6 +486,7 @@ class HFBackend:
         st.prompt_tokens += sum(c.prompt_tokens for c in done)
         st.generated_tokens += sum(c.generated_tokens for c in done)
         st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in done)
+        st.budget_capped += capped
         st.seconds += time.perf_counter() - t0
         return done
 

@@ -73,6 +73,7 @@ class MethodSpec:
     policy_adapter: str | None = None  # a LoRA adapter directory (peft)
     meanfield_adapter: str | None = None
     context: str = "own"  # mf only: own | empty (always the empty mean field) | shuffled (another event's)
+    meanfield_max_new_tokens: int | None = None  # llm mean field's summary budget (None: SimConfig's default)
 
     @property
     def is_mf(self) -> bool:
@@ -96,6 +97,7 @@ _KEYS = {
     "policy_adapter": "policy_adapter", "policy": "policy_adapter",
     "meanfield_adapter": "meanfield_adapter", "mfa": "meanfield_adapter",
     "context": "context",
+    "meanfield_max_new_tokens": "meanfield_max_new_tokens", "mfmax": "meanfield_max_new_tokens",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -106,7 +108,8 @@ def parse_variant(text: str) -> MethodSpec:
     BASE is a method (mf, state, recent, popular) or a built-in row (mf-llm, mf-tf, ...). Keys:
     ``meanfield``/``mf`` (stats|llm), ``teacher_forcing``/``tf`` (true|false), ``policy_adapter``/``policy``
     (adapter dir), ``meanfield_adapter``/``mfa`` (adapter dir, for meanfield=llm), ``context`` (own|empty|
-    shuffled; mf only). Example: ``mf-ib=mf:policy=ckpt/policy,mfa=ckpt/meanfield,mf=llm``.
+    shuffled; mf only), ``meanfield_max_new_tokens``/``mfmax`` (the llm mean field's summary budget).
+    Example: ``mf-ib=mf:policy=ckpt/policy,mfa=ckpt/meanfield,mf=llm,mfmax=64``.
     """
     name, sep, rest = text.partition("=")
     name = name.strip()
@@ -139,6 +142,10 @@ def parse_variant(text: str) -> MethodSpec:
             if v not in CONTEXTS:
                 raise ConfigError(f"variant {text!r}: context must be one of {', '.join(CONTEXTS)}", field="variant")
             spec = replace(spec, context=v)
+        elif key == "meanfield_max_new_tokens":
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError(f"variant {text!r}: mfmax must be a whole number >= 1", field="variant")
+            spec = replace(spec, meanfield_max_new_tokens=int(v))
         else:
             spec = replace(spec, **{key: v})
     _check_spec(spec, text)
@@ -148,6 +155,8 @@ def parse_variant(text: str) -> MethodSpec:
 def _check_spec(spec: MethodSpec, where: str) -> None:
     if not spec.is_mf and (spec.context != "own" or spec.teacher_forcing or spec.meanfield == "llm"):
         raise ConfigError(f"{where}: context / teacher forcing / meanfield=llm only apply to mf rows", field="variant")
+    if spec.meanfield_max_new_tokens is not None and (not spec.is_mf or spec.meanfield == "stats"):
+        raise ConfigError(f"{where}: mfmax only applies to rows with meanfield=llm", field="variant")
 
 
 def parse_methods(methods: str, variants: Sequence[str] = ()) -> list[MethodSpec]:
@@ -372,6 +381,8 @@ def sim_config(settings: FidelitySettings, spec: MethodSpec, warmup: int):
     )
     if settings.events_in_flight:
         kw["events_in_flight"] = settings.events_in_flight
+    if spec.meanfield_max_new_tokens is not None:
+        kw["meanfield_max_new_tokens"] = spec.meanfield_max_new_tokens
     return SimConfig(**kw)
 
 

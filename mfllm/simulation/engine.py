@@ -47,6 +47,7 @@ class SimConfig(BaseModel, extra="forbid"):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     max_new_tokens: int = Field(48, ge=1)
+    meanfield_max_new_tokens: int = Field(160, ge=1, description="most tokens of one llm mean-field summary")
     teacher_forcing: bool = Field(False, description="ablation: mean field fed real actions in rollout")
     max_rollout_agents: int | None = Field(None, ge=0, description="simulate at most this many agents per event")
     policy_adapter: str | None = None
@@ -105,7 +106,8 @@ class Simulator:
         self.backend, self.cfg = backend, config
         self.method: Method = make_method(config.method)
         self.meanfield = meanfield or make_meanfield(config.meanfield, lang=config.lang, backend=backend,
-                                                     **({"adapter": config.meanfield_adapter}
+                                                     **({"adapter": config.meanfield_adapter,
+                                                         "max_new_tokens": config.meanfield_max_new_tokens}
                                                         if config.meanfield == "llm" else {}))
         self.interventions = interventions or []
         self.params = config.sampling()

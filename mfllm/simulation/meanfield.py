@@ -138,9 +138,10 @@ class LLMMeanField(MeanFieldModel):
     name = "llm"
 
     def __init__(self, backend: Backend, lang: str = "zh", params: SamplingParams | None = None,
-                 adapter: str | None = None, retries: int = 2):
+                 adapter: str | None = None, retries: int = 2, max_new_tokens: int = 160):
         self.backend, self.lang, self.adapter, self.retries = backend, lang, adapter, retries
-        self.params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=160, stop=("\n",))
+        self.params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens,
+                                               stop=("\n",))
 
     def describe(self) -> dict:
         return {"name": self.name, "adapter": self.adapter, "max_new_tokens": self.params.max_new_tokens}
