@@ -230,3 +230,22 @@ def test_cli_policy_command(tiny_model_dir, events, tmp_path):  # noqa: F811
     r = CliRunner().invoke(train_app, ["meanfield", "--data", str(tmp_path / "ev.jsonl"), "--out", str(tmp_path / "m"),
                                        "--base", str(tiny_model_dir), "--samples-k", "1"])
     assert r.exit_code == 2 and "samples-k" in r.output
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_ib_tune_writes_every_adapter_and_refuses_bad_options(tmp_path, tiny_model_dir):  # noqa: F811
+    from conftest import assert_clean_failure, cli_inproc
+
+    small = ("--data", SAMPLE_DATA, "--split", "all", "--val-split", "all", "--base", tiny_model_dir,
+             "--steps", "1", "--policy-steps", "1", "--batch-size", "2", "--samples-k", "2", "--targets", "2",
+             "--policy-batch-size", "2", "--max-new-tokens", "4", "--step-size", "4", "--max-steps", "2",
+             "--max-events", "2", "--val-events", "2", "--lora-rank", "4", "--lora-alpha", "8", "--device", "cpu",
+             "--quiet")
+    res = cli_inproc("train", "ib-tune", "--out", tmp_path / "ib", *small)
+    assert res.returncode == 0, res.stderr
+    for role in ("meanfield", "policy", "policy-sft"):
+        assert (tmp_path / "ib" / role / "adapter_model.safetensors").is_file(), role
+    bad = cli_inproc("train", "ib-tune", "--out", tmp_path / "bad", *small, "--samples-k", "1")
+    assert_clean_failure(bad, "samples_k")

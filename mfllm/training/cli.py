@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -11,6 +13,16 @@ from mfllm.errors import MfllmError
 
 train_app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
+
+
+@contextmanager
+def _user_errors():
+    """A user mistake (bad data, option, adapter) is one red line and a non-zero exit, not a traceback."""
+    try:
+        yield
+    except MfllmError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(getattr(e, "exit_code", 2)) from None
 
 
 @train_app.command("mini")
@@ -41,15 +53,12 @@ def train_mini_command(
                      heads=max(1, hidden // 64), intermediate=int(hidden * 2.75) // 8 * 8,
                      agents_per_event=agents_per_event, max_train_events=max_train_events, threads=threads,
                      examples=examples, device=device, batch_size=batch_size)
-    try:
+    with _user_errors():
         if prepare_only:
             p = prepare_examples(cfg, Path(out) / "_work" / "examples.jsonl.gz")
             console.print(f"[green]examples[/] -> {p}")
             return
         info = train_mini(cfg)
-    except MfllmError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
     console.print(json.dumps({k: info[k] for k in ("parameters", "tokens_seen", "train_seconds", "val",
                                                     "unigram_baseline")}, indent=1))
 
@@ -62,6 +71,26 @@ _MAX_NEW_HELP = ("Longest summary m in tokens: the simulation's LLM mean-field m
 _STEP_HELP = ("Agents per step: the simulation's --step-size (8 for mfllm-mini with the LLM mean field, whose "
               "prompt of 16 replies exceeds mini's context; 16 for larger models).")
 _SPLIT_HELP = "Split trained on (train; `all` only for demos on data that has no train split, e.g. the sample)."
+
+
+# Options shared by `train meanfield`, `train policy` and `train ib-tune` (one definition each).
+Data = Annotated[str, typer.Option(help="Events (CED folder, JSONL, Rumdect); only --split is trained on, val on val.")]
+Base = Annotated[str, typer.Option(help=_BASE_HELP)]
+LoraRank = Annotated[int, typer.Option(help="LoRA rank (attention and MLP projections).")]
+LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / rank).")]
+Full = Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA (writes a whole model folder).")]
+MaxNew = Annotated[int, typer.Option(help=_MAX_NEW_HELP)]
+StepSize = Annotated[int, typer.Option(help=_STEP_HELP)]
+MaxSteps = Annotated[int, typer.Option(help="Use each event's first steps only.")]
+MaxEvents = Annotated[int, typer.Option(help="Use at most this many training events.")]
+ValEvents = Annotated[int, typer.Option(help="Validation events (val split).")]
+Split = Annotated[str, typer.Option(help=_SPLIT_HELP)]
+ValSplit = Annotated[str, typer.Option(help="Split used for validation.")]
+Seed = Annotated[int, typer.Option(help="Seed (data, LoRA init, samples).")]
+Device = Annotated[str, typer.Option(help="cpu | cuda | auto.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")]
+Threads = Annotated[int, typer.Option(help="CPU threads for torch.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
 def _tune_config(**kw):
@@ -91,35 +120,39 @@ def _report(infos: dict) -> None:
 
 @train_app.command("meanfield")
 def train_meanfield_command(
-    data: str = typer.Option(..., help="Events (CED folder, JSONL, Rumdect); only --split is trained on, val on val."),
-    out: str = typer.Option(..., help="Output adapter folder (peft: adapter_config.json + adapter_model.safetensors)."),
-    base: str = typer.Option(None, help=_BASE_HELP),
-    lora_rank: int = typer.Option(16, help="LoRA rank (attention and MLP projections)."),
-    lora_alpha: int = typer.Option(32, help="LoRA alpha (scale = alpha / rank)."),
-    full: bool = typer.Option(False, help="Full fine-tuning instead of LoRA (writes a whole model folder)."),
-    beta: float = typer.Option(0.05, help="Weight of the compression term KL(q(m|X) || p0(m))."),
-    length_penalty: float = typer.Option(0.0, help="Penalty per token of m (in nats)."),
-    pathwise_kl: bool = typer.Option(True, help="Include the KL term's pathwise gradient (zero-mean)."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    steps: int = typer.Option(30, help="Optimisation steps."),
-    batch_size: int = typer.Option(4, help="Histories per step (each with --samples-k summaries)."),
-    samples_k: int = typer.Option(4, help="Summaries sampled per history (>= 2, leave-one-out baseline)."),
-    targets: int = typer.Option(8, help="Next-step actions scored per history (|Y|)."),
-    previous: str = typer.Option("chain", help="m_{t-1} in the prompt: chain (the summariser's own) | stats."),
-    policy_adapter: str = typer.Option(None, help="Frozen policy adapter that scores R (default: the base model)."),
-    max_new_tokens: int = typer.Option(64, help=_MAX_NEW_HELP),
-    step_size: int = typer.Option(8, help=_STEP_HELP),
-    max_steps: int = typer.Option(8, help="Use each event's first steps only."),
-    max_events: int = typer.Option(None, help="Use at most this many training events."),
-    val_events: int = typer.Option(16, help="Validation events (val split)."),
-    split: str = typer.Option("train", help=_SPLIT_HELP),
-    val_split: str = typer.Option("val", help="Split used for validation."),
-    seed: int = typer.Option(0, help="Seed (data, LoRA init, samples)."),
-    device: str = typer.Option("auto", help="cpu | cuda | auto."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    threads: int = typer.Option(None, help="CPU threads for torch."),
-    eval_every: int = typer.Option(15, help="Validate every this many steps."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    data: Data,
+    out: Annotated[str, typer.Option(help="Output adapter folder (peft: adapter_config.json + "
+                                          "adapter_model.safetensors).")],
+    base: Base = None,
+    lora_rank: LoraRank = 16,
+    lora_alpha: LoraAlpha = 32,
+    full: Full = False,
+    beta: Annotated[float, typer.Option(help="Weight of the compression term KL(q(m|X) || p0(m)).")] = 0.05,
+    length_penalty: Annotated[float, typer.Option(help="Penalty per token of m (in nats).")] = 0.0,
+    pathwise_kl: Annotated[bool, typer.Option(help="Include the KL term's pathwise gradient (zero-mean).")] = True,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Histories per step (each with --samples-k summaries).")] = 4,
+    samples_k: Annotated[int, typer.Option(help="Summaries sampled per history (>= 2, leave-one-out "
+                                                "baseline).")] = 4,
+    targets: Annotated[int, typer.Option(help="Next-step actions scored per history (|Y|).")] = 8,
+    previous: Annotated[str, typer.Option(help="m_{t-1} in the prompt: chain (the summariser's own) | "
+                                               "stats.")] = "chain",
+    policy_adapter: Annotated[str, typer.Option(help="Frozen policy adapter that scores R (default: the base "
+                                                     "model).")] = None,
+    max_new_tokens: MaxNew = 64,
+    step_size: StepSize = 8,
+    max_steps: MaxSteps = 8,
+    max_events: MaxEvents = None,
+    val_events: ValEvents = 16,
+    split: Split = "train",
+    val_split: ValSplit = "val",
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    eval_every: Annotated[int, typer.Option(help="Validate every this many steps.")] = 15,
+    quiet: Quiet = False,
 ):
     """IB-Tune stage 1: train the mean-field adapter (REINFORCE with a leave-one-out baseline, see docs/ibtune.md).
 
@@ -128,42 +161,41 @@ def train_meanfield_command(
     opts = {k: v for k, v in locals().items() if k != "quiet"}
     from mfllm.training.ibtune import train_meanfield
 
-    try:
-        cfg = _tune_config(**opts)
-        info = train_meanfield(cfg, progress=not quiet)
-    except MfllmError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
+    with _user_errors():
+        info = train_meanfield(_tune_config(**opts), progress=not quiet)
     _report({"meanfield": info})
 
 
 @train_app.command("policy")
 def train_policy_command(
-    data: str = typer.Option(..., help="Events (CED folder, JSONL, Rumdect); only --split is trained on, val on val."),
-    out: str = typer.Option(..., help="Output adapter folder (peft: adapter_config.json + adapter_model.safetensors)."),
-    base: str = typer.Option(None, help=_BASE_HELP),
-    meanfield_adapter: str = typer.Option(None, help="Adapter that writes m_t (IB-Tuned); default: the untuned base."),
-    context: str = typer.Option("mf", help="mf (m_t from the summariser) | state (SFT without mean field)."),
-    lora_rank: int = typer.Option(16, help="LoRA rank (attention and MLP projections)."),
-    lora_alpha: int = typer.Option(32, help="LoRA alpha (scale = alpha / rank)."),
-    full: bool = typer.Option(False, help="Full fine-tuning instead of LoRA (writes a whole model folder)."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    steps: int = typer.Option(60, help="Optimisation steps."),
-    batch_size: int = typer.Option(8, help="Examples per step."),
-    agents_per_step: int = typer.Option(4, help="Agents sampled per simulation step of an event."),
-    max_new_tokens: int = typer.Option(64, help=_MAX_NEW_HELP),
-    step_size: int = typer.Option(8, help=_STEP_HELP),
-    max_steps: int = typer.Option(8, help="Use each event's first steps only."),
-    max_events: int = typer.Option(None, help="Use at most this many training events."),
-    val_events: int = typer.Option(16, help="Validation events (val split)."),
-    split: str = typer.Option("train", help=_SPLIT_HELP),
-    val_split: str = typer.Option("val", help="Split used for validation."),
-    seed: int = typer.Option(0, help="Seed (data, LoRA init, samples)."),
-    device: str = typer.Option("auto", help="cpu | cuda | auto."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    threads: int = typer.Option(None, help="CPU threads for torch."),
-    eval_every: int = typer.Option(20, help="Validate every this many steps."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    data: Data,
+    out: Annotated[str, typer.Option(help="Output adapter folder (peft: adapter_config.json + "
+                                          "adapter_model.safetensors).")],
+    base: Base = None,
+    meanfield_adapter: Annotated[str, typer.Option(help="Adapter that writes m_t (IB-Tuned); default: the "
+                                                        "untuned base.")] = None,
+    context: Annotated[str, typer.Option(help="mf (m_t from the summariser) | state (SFT without mean "
+                                              "field).")] = "mf",
+    lora_rank: LoraRank = 16,
+    lora_alpha: LoraAlpha = 32,
+    full: Full = False,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 3e-4,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 60,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    agents_per_step: Annotated[int, typer.Option(help="Agents sampled per simulation step of an event.")] = 4,
+    max_new_tokens: MaxNew = 64,
+    step_size: StepSize = 8,
+    max_steps: MaxSteps = 8,
+    max_events: MaxEvents = None,
+    val_events: ValEvents = 16,
+    split: Split = "train",
+    val_split: ValSplit = "val",
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    eval_every: Annotated[int, typer.Option(help="Validate every this many steps.")] = 20,
+    quiet: Quiet = False,
 ):
     """IB-Tune stage 2: supervised fine-tuning of the policy adapter on (event, state, m_t) -> real action.
 
@@ -172,49 +204,49 @@ def train_policy_command(
     opts = {k: v for k, v in locals().items() if k != "quiet"}
     from mfllm.training.ibtune import train_policy
 
-    try:
-        cfg = _tune_config(**opts)
-        info = train_policy(cfg, progress=not quiet)
-    except MfllmError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
+    with _user_errors():
+        info = train_policy(_tune_config(**opts), progress=not quiet)
     _report({"policy": info})
 
 
 @train_app.command("ib-tune")
 def train_ibtune_command(
-    data: str = typer.Option(..., help="Events (CED folder, JSONL, Rumdect); only --split is trained on, val on val."),
-    out: str = typer.Option(..., help="Output folder: OUT/meanfield, OUT/policy, OUT/policy-sft (adapters)."),
-    base: str = typer.Option(None, help=_BASE_HELP),
-    lora_rank: int = typer.Option(16, help="LoRA rank (both roles)."),
-    lora_alpha: int = typer.Option(32, help="LoRA alpha (both roles)."),
-    full: bool = typer.Option(False, help="Full fine-tuning instead of LoRA (whole model folders)."),
-    beta: float = typer.Option(0.05, help="Stage 1: weight of the KL compression term."),
-    length_penalty: float = typer.Option(0.0, help="Stage 1: penalty per token of m."),
-    lr: float = typer.Option(1e-3, help="Stage 1 learning rate."),
-    steps: int = typer.Option(30, help="Stage 1 steps."),
-    batch_size: int = typer.Option(4, help="Stage 1 histories per step."),
-    samples_k: int = typer.Option(4, help="Stage 1 summaries per history (>= 2)."),
-    targets: int = typer.Option(8, help="Stage 1 next-step actions scored per history."),
-    previous: str = typer.Option("chain", help="Stage 1 m_{t-1}: chain | stats."),
-    policy_lr: float = typer.Option(3e-4, help="Stage 2 learning rate."),
-    policy_steps: int = typer.Option(60, help="Stage 2 steps (each variant)."),
-    policy_batch_size: int = typer.Option(8, help="Stage 2 examples per step."),
-    sft_baseline: bool = typer.Option(True, help="Also train OUT/policy-sft: SFT with the state context (no MF)."),
-    policy_base_mf: bool = typer.Option(False, help="Also train OUT/policy-basemf: SFT on m_t of the untuned summariser."),
-    max_new_tokens: int = typer.Option(64, help=_MAX_NEW_HELP),
-    step_size: int = typer.Option(8, help=_STEP_HELP),
-    max_steps: int = typer.Option(8, help="Use each event's first steps only."),
-    max_events: int = typer.Option(None, help="Use at most this many training events."),
-    val_events: int = typer.Option(16, help="Validation events (val split)."),
-    split: str = typer.Option("train", help=_SPLIT_HELP),
-    val_split: str = typer.Option("val", help="Split used for validation."),
-    seed: int = typer.Option(0, help="Seed."),
-    device: str = typer.Option("auto", help="cpu | cuda | auto."),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
-    threads: int = typer.Option(None, help="CPU threads for torch."),
-    eval_every: int = typer.Option(15, help="Stage 1: validate every this many steps (stage 2: every 20)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    data: Data,
+    out: Annotated[str, typer.Option(help="Output folder: OUT/meanfield, OUT/policy, OUT/policy-sft "
+                                          "(adapters).")],
+    base: Base = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (both roles).")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (both roles).")] = 32,
+    full: Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA (whole model folders).")] = False,
+    beta: Annotated[float, typer.Option(help="Stage 1: weight of the KL compression term.")] = 0.05,
+    length_penalty: Annotated[float, typer.Option(help="Stage 1: penalty per token of m.")] = 0.0,
+    lr: Annotated[float, typer.Option(help="Stage 1 learning rate.")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="Stage 1 steps.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Stage 1 histories per step.")] = 4,
+    samples_k: Annotated[int, typer.Option(help="Stage 1 summaries per history (>= 2).")] = 4,
+    targets: Annotated[int, typer.Option(help="Stage 1 next-step actions scored per history.")] = 8,
+    previous: Annotated[str, typer.Option(help="Stage 1 m_{t-1}: chain | stats.")] = "chain",
+    policy_lr: Annotated[float, typer.Option(help="Stage 2 learning rate.")] = 3e-4,
+    policy_steps: Annotated[int, typer.Option(help="Stage 2 steps (each variant).")] = 60,
+    policy_batch_size: Annotated[int, typer.Option(help="Stage 2 examples per step.")] = 8,
+    sft_baseline: Annotated[bool, typer.Option(help="Also train OUT/policy-sft: SFT with the state context "
+                                                    "(no MF).")] = True,
+    policy_base_mf: Annotated[bool, typer.Option(help="Also train OUT/policy-basemf: SFT on m_t of the "
+                                                      "untuned summariser.")] = False,
+    max_new_tokens: MaxNew = 64,
+    step_size: StepSize = 8,
+    max_steps: MaxSteps = 8,
+    max_events: MaxEvents = None,
+    val_events: ValEvents = 16,
+    split: Split = "train",
+    val_split: ValSplit = "val",
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    eval_every: Annotated[int, typer.Option(help="Stage 1: validate every this many steps (stage 2: every "
+                                                 "20).")] = 15,
+    quiet: Quiet = False,
 ):
     """IB-Tune both stages: the mean-field adapter, then the policy on m_t written by it (+ baselines).
 
@@ -226,7 +258,7 @@ def train_ibtune_command(
                   max_new_tokens=max_new_tokens, step_size=step_size, max_steps=max_steps, max_events=max_events,
                   val_events=val_events, split=split, val_split=val_split, seed=seed, device=device, dtype=dtype,
                   threads=threads)
-    try:
+    with _user_errors():
         s1 = _tune_config(out=str(out), beta=beta, length_penalty=length_penalty, lr=lr, steps=steps,
                           batch_size=batch_size, samples_k=samples_k, targets=targets, previous=previous,
                           eval_every=eval_every, **common)
@@ -234,9 +266,6 @@ def train_ibtune_command(
                           eval_every=20, **common)
         infos = ib_tune(IBTunePlan(s1, s2, sft_baseline=sft_baseline, policy_base_mf=policy_base_mf), out,
                         progress=not quiet)
-    except MfllmError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
     _report(infos)
     console.print(f"[green]adapters[/] -> {out}/meanfield, {out}/policy"
                   + (f", {out}/policy-sft" if sft_baseline else "") + (f", {out}/policy-basemf" if policy_base_mf else ""))
