@@ -33,3 +33,35 @@ def test_time_windows_cut_by_time_and_at_the_warmup_boundary():
 def test_works_on_a_generator():
     gen = (a for a in acts(50))
     assert sum(len(s.actions) for s in plan_steps(gen, step_size=7, warmup=5)) == 50
+
+
+def test_resume_keeps_only_a_window_yet_rebuilds_the_same_history():
+    """A resumed event replays only its last HISTORY_WINDOW actions; its history (texts, order, repost
+    counts that `popular` ranks by) must equal a replay of every action."""
+    from mfllm.data.load import load_events
+    from mfllm.paths import SAMPLE_DATA
+    from mfllm.simulation.engine import HISTORY_WINDOW, SimConfig, Simulator, fold_records
+    from mfllm.simulation.history import History
+
+    events = load_events(SAMPLE_DATA / "events.jsonl", split="all", limit=10).events
+    ev = max(events, key=lambda e: sum(a.parent is not None for a in e.actions[:400]))
+    acts = ev.actions[:400]
+    assert sum(a.parent is not None for a in acts) > 10  # a real cascade with reposts of reposts
+    sim = Simulator(None, SimConfig(method="popular", step_size=16, warmup=len(acts)))
+    records = [{"event_id": ev.event_id, "step": st.index, "phase": st.phase,
+                "meanfield_state": {"text": f"m{st.index}", "data": {}},
+                "actions": [{"action_id": a.action_id, "state": "", "real_text": a.text, "sim_text": None,
+                             "parent": a.parent, "followers": a.profile.followers, "time": a.time} for a in st.actions]}
+               for st in plan_steps(acts, 16, len(acts))]
+    point = fold_records(records, teacher_forcing=False)[ev.event_id]
+    assert len(point.tail) == HISTORY_WINDOW < len(acts)
+    run = sim.restore(ev, point)
+
+    full = History(HISTORY_WINDOW)
+    for a in acts:
+        full.add(a.action_id, a.text, a.parent, a.profile.followers, a.time)
+    assert [(i.action_id, i.text, i.order) for i in run.history.items] == [(i.action_id, i.text, i.order) for i in full.items]
+    assert run.history.reposts_received == full.reposts_received and run.history.total == full.total == len(acts)
+    assert any(v > 0 for v in full.reposts_received.values())
+    assert run.next_step == records[-1]["step"] + 1 and run.agents == len(acts)
+    assert run.meanfield.text == records[-1]["meanfield_state"]["text"]

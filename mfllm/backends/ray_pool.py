@@ -346,7 +346,7 @@ def run_events_parallel(events: Iterable, out: str | os.PathLike, backend_spec: 
     run in `out` (with this function, or single-process with ``mfllm simulate --resume`` when `data` was
     given). Returns the merged RunSummary.
     """
-    from mfllm.simulation.engine import RunSummary, SimConfig
+    from mfllm.simulation.engine import RunSummary, SimConfig, fold_records
     from mfllm.store.run import RunStore
 
     config = config or SimConfig()
@@ -355,14 +355,13 @@ def run_events_parallel(events: Iterable, out: str | os.PathLike, backend_spec: 
         raise ConfigError("no events to simulate")
     spec = as_spec(backend_spec)
     store = RunStore(out)
-    records: dict[str, list[dict]] = {}
+    records: dict = {}
     if resume:
         cfg = store.config()
         if store.is_done():
             raise ConfigError(f"{out} is already complete; nothing to resume")
         config = SimConfig(**cfg["sim"])
-        for rec in store.recover():
-            records.setdefault(rec["event_id"], []).append(rec)
+        records = fold_records(store.recover_iter(), config.teacher_forcing)  # bounded per event
     else:
         inner_name = spec.name if isinstance(spec, BackendSpec) else None
         opts = dict(spec.options) if isinstance(spec, BackendSpec) else {}

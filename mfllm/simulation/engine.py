@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -81,6 +82,42 @@ class EventRun:
     generated_tokens: int = 0
 
 
+# The longest history any method reads (recent 5, popular 30): what a resumed event must keep.
+HISTORY_WINDOW = max(m.history_window for m in METHODS.values())
+
+
+@dataclass
+class ResumePoint:
+    """What a resumed event needs from its finished step records, folded one record at a time so that
+    resuming a run of a million agents holds a few numbers per step and the last HISTORY_WINDOW actions
+    per event, not every record (the history drops older actions anyway)."""
+
+    steps: list[int] = field(default_factory=list)
+    tail: deque = field(default_factory=lambda: deque(maxlen=HISTORY_WINDOW))  # (id, fed text, parent, followers, time)
+    fed: int = 0  # actions fed to the history so far
+    rollout_done: int = 0
+    agents: int = 0
+    meanfield_state: dict | None = None
+
+    def add(self, rec: dict, teacher_forcing: bool) -> None:
+        self.steps.append(rec["step"])
+        for a, (_, text) in zip(rec["actions"], _fed(rec["actions"], rec["phase"], teacher_forcing), strict=True):
+            self.tail.append((a["action_id"], text, a.get("parent"), a.get("followers"), a["time"]))
+            self.fed += 1
+            if rec["phase"] == "rollout" and not a.get("injected"):
+                self.rollout_done += 1
+        self.agents += len(rec["actions"])
+        self.meanfield_state = rec["meanfield_state"]
+
+
+def fold_records(records: Iterable[dict], teacher_forcing: bool) -> dict[str, ResumePoint]:
+    """Finished step records (in file order) -> one ResumePoint per event."""
+    out: dict[str, ResumePoint] = {}
+    for rec in records:
+        out.setdefault(rec["event_id"], ResumePoint()).add(rec, teacher_forcing)
+    return out
+
+
 @dataclass
 class RunSummary:
     events: int = 0
@@ -111,35 +148,39 @@ class Simulator:
                                                         if config.meanfield == "llm" else {}))
         self.interventions = interventions or []
         self.params = config.sampling()
-        self.window = max(m.history_window for m in METHODS.values())
+        self.window = HISTORY_WINDOW
 
     # ------------------------------------------------------------------ setup / resume
     def start(self, event: Event) -> EventRun:
         return EventRun(event, plan_steps(event.actions, self.cfg.step_size, self.cfg.warmup, self.cfg.time_window),
                         History(self.window), self.meanfield.initial(self.cfg.lang))
 
-    def restore(self, event: Event, records: list[dict]) -> EventRun:
-        """Rebuild an event's state from its finished step records (a resumed run)."""
+    def restore(self, event: Event, done: ResumePoint | list[dict]) -> EventRun:
+        """Rebuild an event's state from its finished steps (a resumed run)."""
+        if not isinstance(done, ResumePoint):
+            done = fold_records(done, self.cfg.teacher_forcing).get(event.event_id, ResumePoint())
         run = self.start(event)
-        for rec in records:
+        for index in done.steps:
             step = next(run.steps, None)
-            if step is None or step.index != rec["step"]:
+            if step is None or step.index != index:
                 raise ConfigError(f"event {event.event_id}: the stored steps do not match the data; "
                                   "was the data changed since the run started?")
             for iv in self.interventions:  # replay triggers (a one-shot inject must not fire again)
                 iv.begin_step(event, step)
-            for a, (_, text) in zip(rec["actions"], _fed(rec["actions"], rec["phase"], self.cfg.teacher_forcing),
-                                    strict=True):
-                run.history.add(a["action_id"], text, a.get("parent"), a.get("followers"), a["time"])
-                if rec["phase"] == "rollout" and not a.get("injected"):
-                    run.rollout_done += 1
-            run.meanfield = MeanFieldState.from_dict(rec["meanfield_state"])
-            run.next_step = rec["step"] + 1
-            run.agents += len(rec["actions"])
+        # Replaying the last window of actions gives the same history as replaying all of them: an older
+        # action has left the window, and with it every repost count that could still change.
+        run.history.total = done.fed - len(done.tail)
+        for action_id, text, parent, followers, t in done.tail:
+            run.history.add(action_id, text, parent, followers, t)
+        if done.meanfield_state is not None:
+            run.meanfield = MeanFieldState.from_dict(done.meanfield_state)
+        run.next_step = done.steps[-1] + 1 if done.steps else 0
+        run.rollout_done, run.agents = done.rollout_done, done.agents
         return run
 
     # ------------------------------------------------------------------ the loop
-    def run(self, events: Iterable[Event], sink: Callable[[dict], None], resume: dict[str, list[dict]] | None = None,
+    def run(self, events: Iterable[Event], sink: Callable[[dict], None],
+            resume: dict[str, ResumePoint | list[dict]] | None = None,
             should_stop: Callable[[], bool] | None = None) -> RunSummary:
         """Simulate events; each finished step's record goes to `sink` (the run store) in order."""
         resume = resume or {}

@@ -16,7 +16,7 @@ from mfllm.data.load import load_events
 from mfllm.data.schema import Event
 from mfllm.errors import ConfigError, DataError, MfllmError
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.engine import RunSummary, SimConfig, Simulator
+from mfllm.simulation.engine import ResumePoint, RunSummary, SimConfig, Simulator, fold_records
 from mfllm.simulation.interventions import Intervention
 from mfllm.store.run import RunStore
 
@@ -170,22 +170,20 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
         from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 
         interventions = build_interventions(parse_spec(cfg["interventions"]))
-    records: dict[str, list[dict]] = {}
-    for rec in store.recover():
-        records.setdefault(rec["event_id"], []).append(rec)
+    records = fold_records(store.recover_iter(), config.teacher_forcing)
     order = {e: i for i, e in enumerate(cfg["events"])}
     loaded.sort(key=lambda e: order[e.event_id])
     return _execute(store, loaded, config, backend, records, interventions, progress)
 
 
 def _execute(store: RunStore, events: list[Event], config: SimConfig, backend: Backend,
-             records: dict[str, list[dict]], interventions, progress: bool) -> RunSummary:
+             records: dict[str, ResumePoint], interventions, progress: bool) -> RunSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     sim = Simulator(backend, config, interventions=interventions)
     cap = None if config.max_rollout_agents is None else config.warmup + config.max_rollout_agents
     total = sum(len(e.actions) if cap is None else min(len(e.actions), cap) for e in events)
-    done_before = sum(len(r["actions"]) for recs in records.values() for r in recs)
+    done_before = sum(r.agents for r in records.values())
     with StopFlag() as flag, Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("agents"), TimeElapsedColumn(), disable=not progress) as bar:
         task = bar.add_task("sim", total=total, completed=done_before)

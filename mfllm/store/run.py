@@ -119,22 +119,26 @@ class RunStore:
 
     def recover(self) -> list[dict]:
         """Good records; the file is truncated after the last good line so appends continue cleanly."""
+        return list(self.recover_iter())
+
+    def recover_iter(self) -> Iterator[dict]:
+        """:meth:`recover` one record at a time (a resume folds them without holding them all); the
+        truncation happens when the iteration is finished."""
         path = self.dir / STEPS
         if not path.exists():
-            return []
-        good, offset = [], 0
+            return
+        offset = 0
         with open(path, "rb") as f:
             for raw in f:
                 rec = decode_line(raw.decode("utf-8", errors="replace")) if raw.endswith(b"\n") else None
                 if rec is None:
                     break
-                good.append(rec)
                 offset += len(raw)
+                yield rec
         if offset != path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(offset)
                 os.fsync(f.fileno())
-        return good
 
     def append(self, record: dict) -> None:
         if self._f is None:
