@@ -208,6 +208,23 @@ def test_a_run_made_with_other_settings_is_refused(bench):
     assert res.exit_code != 0 and "other settings" in res.output
 
 
+def test_a_run_from_before_a_setting_existed_is_still_accepted(bench):
+    """A run directory written before a SimConfig field was added ran with that field's default."""
+    out, args, _ = bench
+    cfg_path = out / "runs" / "mf" / "config.json"
+    original = cfg_path.read_text()
+    cfg = json.loads(original)
+    cfg["sim"].pop("meanfield_max_new_tokens")
+    cfg_path.write_text(json.dumps(cfg))
+    res = CliRunner().invoke(bench_app, args)
+    assert res.exit_code == 0 and "mf: complete, skipped" in res.output, res.output
+    cfg["sim"]["step_size"] += 1  # a setting that differs is still refused
+    cfg_path.write_text(json.dumps(cfg))
+    res = CliRunner().invoke(bench_app, args)
+    cfg_path.write_text(original)  # the module's bench is shared
+    assert res.exit_code != 0 and "other settings" in res.output
+
+
 def test_builtin_names_are_documented():
     doc = (Path(__file__).parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
     for name in BUILTIN:

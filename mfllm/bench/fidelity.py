@@ -405,10 +405,13 @@ def _intervention_spec(spec: MethodSpec) -> dict | None:
 
 def check_run_config(run_dir: Path, expected_sim: dict, events: list[str], spec: MethodSpec) -> None:
     """Refuse to continue a run directory made with other settings."""
+    from mfllm.simulation.engine import SimConfig
     from mfllm.store.run import RunStore
 
     cfg = RunStore(run_dir).config()
-    got = {k: v for k, v in (cfg.get("sim") or {}).items() if k not in _IGNORED_SIM}
+    # A setting added after the run was made is absent from its config: it ran with that setting's default.
+    stored = {k: f.default for k, f in SimConfig.model_fields.items()} | (cfg.get("sim") or {})
+    got = {k: v for k, v in stored.items() if k not in _IGNORED_SIM}
     want = {k: v for k, v in expected_sim.items() if k not in _IGNORED_SIM}
     diffs = [f"{k}: {got.get(k)!r} (stored) vs {want.get(k)!r}" for k in sorted(set(got) | set(want))
              if got.get(k) != want.get(k)]
