@@ -42,9 +42,7 @@ from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import metrics as M
 from mfllm.evaluation.dimensions import DIMENSIONS
 from mfllm.evaluation.labelers.base import Labeler
-from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig
-from mfllm.simulation.runner import public_options
 from mfllm.simulation.whatif import (
     BLOCKS,
     CATS,
@@ -57,11 +55,9 @@ from mfllm.simulation.whatif import (
     check_config,
     count_vector,
     label_records,
-    make_labeler,
+    open_output,
     per_dim,
-    prepare_out,
     replica_events,
-    resolve_backend,
     run_arm,
     trajectories,
 )
@@ -283,16 +279,10 @@ def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None
     until = obs_time + horizon_time if horizon_time is not None else None
     if len(events[0].actions) <= observe:
         raise ConfigError("nothing to simulate: no agent arrives within the horizon", field="horizon_time")
-    prepare_out(Path(out), force, check_only=True)
-    backend_given = backend
-    backend = resolve_backend(backend, backend_name, model, backend_options)
-    out = prepare_out(Path(out), force)
-    lab = make_labeler(labeler, label_cache)
-    meta = {"data": data, "backend_name": backend_name,
-            "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend_given is None else None),
-            "backend_options": public_options(backend_options),
-            "whatif": {"command": "forecast", "event": event.event_id, "observe": observe, "horizon": horizon,
-                       "horizon_time": horizon_time, "runs": runs, "blind": blind}}
+    o = open_output(out, force, backend, backend_name, model, backend_options, labeler, label_cache, data,
+                    {"command": "forecast", "event": event.event_id, "observe": observe, "horizon": horizon,
+                     "horizon_time": horizon_time, "runs": runs, "blind": blind})
+    out, backend, lab, meta = o.out, o.backend, o.labeler, o.meta
     atomic_write_json(out / "whatif.json", {"command": "forecast", "event": event.event_id})
     arm = run_arm("forecast", events, config, backend, out / "runs", meta, progress=progress)
     k = config.step_size

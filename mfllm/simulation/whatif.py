@@ -105,16 +105,10 @@ def replica_events(event: Event, runs: int, observe: int, horizon: int | None = 
 
 
 def check_config(config: SimConfig) -> None:
-    """The names a run needs, checked before anything is loaded or written."""
-    from mfllm.prompts.templates import LANGS
-    from mfllm.simulation.methods import METHODS
+    """The names a run needs, checked before anything is loaded or written (+ steps of k agents only)."""
+    from mfllm.simulation.runner import check_config as check_run_config
 
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}", field="method")
-    if config.meanfield not in ("stats", "llm"):
-        raise ConfigError(f"unknown mean-field model {config.meanfield!r}; choose stats or llm", field="meanfield")
-    if config.lang not in LANGS:
-        raise ConfigError(f"unknown prompt language {config.lang!r}; choose one of {', '.join(LANGS)}", field="lang")
+    check_run_config(config)
     if config.time_window is not None:
         raise ConfigError("forecast / intervene work with steps of k agents (--step-size), not time windows",
                           field="time_window")
@@ -149,6 +143,31 @@ def resolve_backend(backend: Backend | None, backend_name: str, model: str | Non
     from mfllm.simulation.runner import make_backend
 
     return make_backend(backend_name, model, **(options or {}))
+
+
+@dataclass
+class Output:
+    """What forecast and intervene set up before simulating: the folder, backend, labeler and the run
+    metadata (never a secret option)."""
+
+    out: Path
+    backend: Backend
+    labeler: Labeler
+    meta: dict
+
+
+def open_output(out: Path, force: bool, backend: Backend | None, backend_name: str, model: str | None,
+                backend_options: dict | None, labeler: str | Labeler, label_cache, data: str | None,
+                whatif: dict) -> Output:
+    """Check the folder, then load the backend (slow), then replace the folder: a refused --out costs
+    nothing and a failed model load leaves the old output in place."""
+    prepare_out(Path(out), force, check_only=True)
+    be = resolve_backend(backend, backend_name, model, backend_options)
+    out = prepare_out(Path(out), force)
+    meta = {"data": data, "backend_name": backend_name,
+            "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend is None else None),
+            "backend_options": public_options(backend_options), "whatif": whatif}
+    return Output(out, be, make_labeler(labeler, label_cache), meta)
 
 
 @dataclass
@@ -440,16 +459,10 @@ def intervene(event: Event, spec: Any, out: str | Path, *, observe: int = 48, ho
         spec_obj = spec_obj.model_copy(update={"lang": config.lang})
     base_events = replica_events(event, runs, observe, horizon, None, config.seed)
     int_events = replica_events(event, runs, observe, horizon, None, config.seed)
-    prepare_out(Path(out), force, check_only=True)
-    backend_given = backend
-    backend = resolve_backend(backend, backend_name, model, backend_options)
-    out = prepare_out(Path(out), force)
-    lab = make_labeler(labeler, label_cache)
-    meta = {"data": data, "backend_name": backend_name,
-            "model": model or (str(DEFAULT_MODEL) if backend_name == "hf" and backend_given is None else None),
-            "backend_options": public_options(backend_options),
-            "whatif": {"command": "intervene", "event": event.event_id, "observe": observe, "horizon": horizon,
-                       "runs": runs}}
+    o = open_output(out, force, backend, backend_name, model, backend_options, labeler, label_cache, data,
+                    {"command": "intervene", "event": event.event_id, "observe": observe, "horizon": horizon,
+                     "runs": runs})
+    out, backend, lab, meta = o.out, o.backend, o.labeler, o.meta
     atomic_write_json(out / "whatif.json", {"command": "intervene", "event": event.event_id,
                                             "spec": spec_obj.dump()})
     base = run_arm("baseline", base_events, config, backend, out / "baseline", meta, None, None, progress)
