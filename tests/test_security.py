@@ -175,7 +175,7 @@ def test_yaml_with_python_tags_is_refused(tmp_path, text):
 def test_pickle_weights_are_refused(tmp_path):
     """A model folder holding only pytorch_model.bin (a real pickle with a payload) and a LoRA adapter
     folder holding only adapter_model.bin: refused with one line, the pickle never opened."""
-    from mfllm.paths import DEFAULT_MODEL
+    from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 
     marker = tmp_path / "UNPICKLED"
     model = tmp_path / "model"
@@ -193,5 +193,12 @@ def test_pickle_weights_are_refused(tmp_path):
                                                              "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Boom(str(marker))))
     res = cli_inproc("serve", "--model", DEFAULT_MODEL, "--port", "0", "--adapter", f"policy={adapter}")
+    assert_clean_failure(res, "adapter_model.safetensors", code=2)
+    res = cli_inproc("simulate", "--limit", "1", "--policy-adapter", adapter, "--out", tmp_path / "run", "--quiet")
+    assert_clean_failure(res, "adapter_model.safetensors", code=2)
+    assert not (tmp_path / "run").exists()
+    res = cli_inproc("train", "policy", "--data", SAMPLE_DATA, "--split", "all", "--val-split", "all",
+                     "--meanfield-adapter", adapter, "--max-events", "1", "--val-events", "1", "--steps", "1",
+                     "--out", tmp_path / "pol", "--quiet")
     assert_clean_failure(res, "adapter_model.safetensors", code=2)
     assert not marker.exists()

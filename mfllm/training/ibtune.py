@@ -278,6 +278,10 @@ class Roles:
         if (p / "adapter_config.json").is_file():
             from peft import PeftModel
 
+            if not (p / "adapter_model.safetensors").is_file():  # peft would unpickle an adapter_model.bin
+                raise ConfigError(f"{role}: no adapter_model.safetensors in {p} (safetensors weights are "
+                                  "required; pickle files are never loaded)", field=f"{role}_adapter")
+
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, str(p), adapter_name=role, is_trainable=False)
             else:
