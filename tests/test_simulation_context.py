@@ -4,7 +4,7 @@ from mfllm.backends.base import Completion
 from mfllm.errors import BackendError
 from mfllm.prompts.templates import policy_prefix, policy_prompt, policy_suffix, target_to_action
 from mfllm.simulation.history import History
-from mfllm.simulation.meanfield import LLMMeanField, MeanFieldUpdate, StatsMeanField
+from mfllm.simulation.meanfield import LLMMeanField, MeanFieldState, MeanFieldUpdate, StatsMeanField
 from mfllm.simulation.methods import make_method
 
 
@@ -82,3 +82,33 @@ def test_llm_meanfield_retries_empty_output_then_fails_loudly():
         assert e.kind == "empty"
     else:
         raise AssertionError("an empty summary must not become the mean field")
+
+
+class CountingBackend(ScriptedBackend):
+    """A scripted endpoint with a small context, counting characters as tokens (fault injection)."""
+
+    def __init__(self, texts, max_context):
+        super().__init__(texts)
+        self.max_context, self.prompts = max_context, []
+
+    def encode(self, texts, add_special_tokens=True):
+        return [list(t) for t in texts]
+
+    def generate(self, requests):
+        self.prompts += [r.prompt for r in requests]
+        return super().generate(requests)
+
+
+def test_llm_meanfield_shortens_a_prompt_that_does_not_fit_the_context():
+    pairs = [("u", "这条消息" * 20)] * 8  # 8 long replies
+    update = MeanFieldUpdate("某地发生了一件事" * 5, MeanFieldState("之前的概况" * 60), pairs)
+    full = LLMMeanField(CountingBackend(["多数人相信"], 100_000))
+    full.update_many([update])
+    roomy = full.backend.prompts[0]
+    assert full.shortened == 0 and "…" in roomy  # replies clipped at ITEM_CHARS only
+
+    small = LLMMeanField(CountingBackend(["多数人相信"], len(roomy) - 50))
+    small.update_many([update])
+    short = small.backend.prompts[0]
+    assert small.shortened == 1 and len(short) + small.MIN_NEW_TOKENS <= len(roomy) - 50
+    assert short.startswith(roomy[:40])  # same instruction and event; only replies / m_{t-1} are shorter

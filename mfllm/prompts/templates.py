@@ -59,9 +59,9 @@ def target_to_action(output: str, lang: str = "zh") -> str:
     return "" if out == strings(lang)["repost"] or out == "" else out
 
 
-def render_items(texts: list[str], lang: str = "zh") -> str:
+def render_items(texts: list[str], lang: str = "zh", item_chars: int = ITEM_CHARS) -> str:
     s = strings(lang)
-    return s["item_sep"].join(clip(action_to_target(t, lang), ITEM_CHARS) for t in texts) or s["none"]
+    return s["item_sep"].join(clip(action_to_target(t, lang), item_chars) for t in texts) or s["none"]
 
 
 def render_context(method_context: str, lang: str = "zh", **fields: str) -> str:
@@ -89,11 +89,14 @@ def policy_prompt(event_text: str, context: str, state: str, lang: str = "zh") -
     return policy_prefix(event_text, context, lang) + policy_suffix(state, lang)
 
 
-def meanfield_prompt(event_text: str, previous: str, pairs: list[tuple[str, str]], lang: str = "zh") -> str:
+def meanfield_prompt(event_text: str, previous: str, pairs: list[tuple[str, str]], lang: str = "zh",
+                     item_chars: int = ITEM_CHARS, previous_chars: int | None = None) -> str:
     """The LLM mean-field summariser's prompt: m_{t-1} plus this step's actions.
 
     The pairs carry each agent's state too, but only the actions are shown: the mean field
     summarises what the population did, and a step's 16 states would triple the prompt.
+    `item_chars` / `previous_chars` shorten the replies / m_{t-1} where a prompt must fit a small context.
     """
-    items = render_items([a for _, a in pairs], lang)
-    return template("meanfield", lang).format(event=clip(event_text, EVENT_CHARS), previous=previous, pairs=items) + "\n"
+    items = render_items([a for _, a in pairs], lang, item_chars)
+    prev = previous if previous_chars is None else clip(previous, previous_chars)
+    return template("meanfield", lang).format(event=clip(event_text, EVENT_CHARS), previous=prev, pairs=items) + "\n"

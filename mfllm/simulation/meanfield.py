@@ -19,7 +19,7 @@ from typing import Any
 from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
 from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.prompts.templates import EXAMPLE_CHARS, clip, meanfield_prompt, strings, template
+from mfllm.prompts.templates import EXAMPLE_CHARS, ITEM_CHARS, clip, meanfield_prompt, strings, template
 
 
 @dataclass(slots=True)
@@ -140,14 +140,34 @@ class LLMMeanField(MeanFieldModel):
     def __init__(self, backend: Backend, lang: str = "zh", params: SamplingParams | None = None,
                  adapter: str | None = None, retries: int = 2, max_new_tokens: int = 160):
         self.backend, self.lang, self.adapter, self.retries = backend, lang, adapter, retries
+        self.shortened = 0  # prompts shown with shorter replies / m_{t-1} to fit the context
         self.params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens,
                                                stop=("\n",))
 
     def describe(self) -> dict:
         return {"name": self.name, "adapter": self.adapter, "max_new_tokens": self.params.max_new_tokens}
 
+    # Where a prompt does not fit a small model's context (mfllm-mini: 320 tokens), the replies and m_{t-1}
+    # are shown shorter, step by step, per request (so batching never changes a prompt).
+    SHORTER = ((ITEM_CHARS, None), (20, 160), (12, 80), (6, 40))
+    MIN_NEW_TOKENS = 16  # room a shortened prompt leaves for the summary
+
+    def _prompt(self, u: MeanFieldUpdate) -> str:
+        limit, encode = getattr(self.backend, "max_context", 0), getattr(self.backend, "encode", None)
+        prompt = meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang)
+        if not limit or encode is None:
+            return prompt
+        room = limit - min(self.MIN_NEW_TOKENS, self.params.max_new_tokens)
+        for level, (items, prev) in enumerate(self.SHORTER):
+            if level:
+                prompt = meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang, items, prev)
+            if len(encode([prompt])[0]) <= room:
+                self.shortened += bool(level)
+                return prompt
+        return prompt  # still too long: the backend refuses it with a clear error
+
     def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
-        prompts = [meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang) for u in updates]
+        prompts = [self._prompt(u) for u in updates]
         out: list[MeanFieldState | None] = [None] * len(updates)
         todo = list(range(len(updates)))
         for attempt in range(self.retries + 1):

@@ -200,5 +200,7 @@ def _execute(store: RunStore, events: list[Event], config: SimConfig, backend: B
         raise Interrupted(f"stopped at a step boundary; nothing is lost. Continue with: mfllm simulate --resume {store.dir}")
     summary_dict = summary.to_dict()
     summary_dict["backend_stats"] = backend.stats.to_dict()
+    if hasattr(sim.meanfield, "shortened"):  # llm mean field: prompts shortened to fit the context
+        summary_dict["meanfield_prompts_shortened"] = sim.meanfield.shortened
     store.finish(summary_dict)
     return summary
