@@ -94,6 +94,11 @@ def test_relative_kl_picks_the_best_non_mf_row_per_horizon():
     assert rel["mf-tf"]["short"]["vs_mf"]["change"] == pytest.approx(0.0)
     assert rel["mf-tf"]["mid"]["vs_mf"]["change"] == pytest.approx(-0.5)
     assert rel["mf-tf"]["long"]["vs_best_non_mf"]["change"] == pytest.approx(2.0)
+    # another reference row: mf is compared with mf-tf (mid: 2 vs 1 -> +100%), and vs_mf is not written
+    other = relative_kl(vals, ["mf", "mf-tf"], ["state", "recent"], n_boot=0, reference="mf-tf")
+    assert other["mf"]["mid"]["vs_reference"] == {**other["mf"]["mid"]["vs_reference"], "against": "mf-tf"}
+    assert other["mf"]["mid"]["vs_reference"]["change"] == pytest.approx(1.0)
+    assert "vs_reference" not in other["mf-tf"]["mid"] and "vs_mf" not in other["mf"]["mid"]
     r = rel["mf"]
     assert r["short"]["vs_best_non_mf"]["against"] == "state"
     assert r["short"]["vs_best_non_mf"]["change"] == pytest.approx(-0.5)
@@ -206,6 +211,13 @@ def test_a_run_made_with_other_settings_is_refused(bench):
     bad = [a if a != "3" else "4" for a in args]  # --seed 4
     res = CliRunner().invoke(bench_app, bad)
     assert res.exit_code != 0 and "other settings" in res.output
+
+
+def test_reference_must_be_a_mean_field_row(bench):
+    out, args, _ = bench
+    for ref in ("state", "nope"):
+        res = CliRunner().invoke(bench_app, [*args, "--reference", ref])
+        assert res.exit_code != 0 and "not a mean-field row" in res.output, res.output
 
 
 def test_a_run_from_before_a_setting_existed_is_still_accepted(bench):

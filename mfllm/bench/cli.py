@@ -58,7 +58,8 @@ def fidelity_command(
     = "mf,state,recent,popular",
     variant: Annotated[list[str] | None, typer.Option(
         help="Extra row NAME=BASE[:key=val,...]; keys meanfield|mf (stats|llm), tf (true|false), "
-             "policy (adapter dir), mfa (mean-field adapter dir), context (own|empty|shuffled). "
+             "policy (adapter dir), mfa (mean-field adapter dir), context (own|empty|shuffled), mfmax (the llm "
+             "mean field's summary budget). "
              "E.g. mf-ib=mf:policy=ckpt/policy. Repeatable.")] = None,
     model: Annotated[str | None, typer.Option(help="Model path or name. Default: the shipped mfllm-mini.")] = None,
     backend: Annotated[str, typer.Option(help="hf (local transformers) | openai | vllm.")] = "hf",
@@ -88,6 +89,8 @@ def fidelity_command(
                                                    "shown in results.md.")] = None,
     min_rollout: Annotated[int, typer.Option(help="Select only events with at least max(warm-ups) + this "
                                                   "many actions.")] = 16,
+    reference: Annotated[str, typer.Option(help="The row every other mean-field row is compared with in the "
+                                                "ablation table (e.g. an untuned mf-llm variant).")] = "mf",
     bin_by: Annotated[str, typer.Option(help="Evaluation bins: steps | actions | seconds.")] = "steps",
     bin_size: Annotated[float, typer.Option(help="Steps / actions / seconds per bin.")] = 1,
     reports: Annotated[bool, typer.Option(help="Also write each run's plots/ and report.html.")] = False,
@@ -112,7 +115,7 @@ def fidelity_command(
             marginal=str(marginal) if marginal else None, seed=seed, warmup=warmup,
             warmups=_ints(warmups, "warmups"), max_agents=max_agents, step_size=step_size, meanfield=meanfield,
             events_in_flight=events_in_flight, policy_adapter=policy_adapter, meanfield_adapter=meanfield_adapter,
-            label=label, min_rollout=min_rollout, bin_by=bin_by, bin_size=bin_size, reports=reports,
+            label=label, min_rollout=min_rollout, reference=reference, bin_by=bin_by, bin_size=bin_size, reports=reports,
             bootstrap=bootstrap, progress=not quiet)
         r = run_fidelity(s, console=con)
     except MfllmError as e:

@@ -213,6 +213,7 @@ class FidelitySettings:
     meanfield_adapter: str | None = None
     label: str | None = None
     min_rollout: int = 16
+    reference: str = "mf"  # the row the ablation table compares every other mf row with
     bin_by: str = "steps"
     bin_size: float = 1
     reports: bool = False
@@ -265,6 +266,8 @@ class FidelitySettings:
                 a += [f"--{k.replace('_', '-')}", str(getattr(self, k))]
         if self.min_rollout != 16:
             a += ["--min-rollout", str(self.min_rollout)]
+        if self.reference != "mf":
+            a += ["--reference", self.reference]
         if (self.bin_by, self.bin_size) != ("steps", 1):
             a += ["--bin-by", self.bin_by, "--bin-size", f"{self.bin_size:g}"]
         a += ["--out", self.out]
@@ -608,9 +611,10 @@ def compare_pair(a: Sequence, b: Sequence, n_boot: int = 2000, seed: int = 0) ->
 
 
 def relative_kl(vals: dict, mf_rows: Sequence[str], non_mf_rows: Sequence[str], n_boot: int = 2000,
-                metric: str = "kl") -> dict:
+                metric: str = "kl", reference: str = "mf") -> dict:
     """For every mf row and horizon: its KL against the best (lowest mean KL) non-MF row, against each
     baseline and against every non-MF row. ``change = (KL_mf - KL_other) / KL_other`` (negative = mf better).
+    Every mf row but ``reference`` is also compared with it (``vs_reference``; ``vs_mf`` when it is mf).
     """
     out: dict[str, dict] = {}
     for r in mf_rows:
@@ -630,9 +634,11 @@ def relative_kl(vals: dict, mf_rows: Sequence[str], non_mf_rows: Sequence[str], 
                 c = compare_pair(mine, vals[b][h][metric], n_boot) if b in vals else None
                 entry[f"vs_{b}"] = {"against": b, **c} if c else None
             entry["vs"] = {o: c for o, c in vs.items() if c}
-            if r != "mf" and "mf" in vals:  # ablations / diagnostics against the plain mf row
-                c = compare_pair(mine, vals["mf"][h][metric], n_boot)
-                entry["vs_mf"] = {"against": "mf", **c} if c else None
+            if r != reference and reference in vals:  # ablations / diagnostics against the reference row
+                c = compare_pair(mine, vals[reference][h][metric], n_boot)
+                entry["vs_reference"] = {"against": reference, **c} if c else None
+                if reference == "mf":
+                    entry["vs_mf"] = entry["vs_reference"]
             out[r][h] = entry
     return out
 
@@ -660,7 +666,7 @@ def _table(vals: dict, rows: Sequence[str]) -> tuple[dict, dict]:
 
 
 def aggregate(metrics_by_row: dict[str, dict], specs: dict[str, MethodSpec], event_meta: dict[str, dict],
-              n_boot: int = 2000) -> dict:
+              n_boot: int = 2000, reference: str = "mf") -> dict:
     """The results block of one warm-up: tables, spreads, relative KL, per dimension, per domain."""
     from mfllm.evaluation.dimensions import ALL_DIMENSIONS
 
@@ -674,12 +680,12 @@ def aggregate(metrics_by_row: dict[str, dict], specs: dict[str, MethodSpec], eve
     methods, spread = _table(vals, all_rows)
     mf_rows = [r for r in rows if specs[r].is_mf]
     non_mf = [r for r in rows if not specs[r].is_mf]
-    rel = relative_kl(vals, mf_rows, non_mf, n_boot)
+    rel = relative_kl(vals, mf_rows, non_mf, n_boot, reference=reference)
     label_dims = [d for d in ALL_DIMENSIONS if d != "keywords"]
     vals_nk = per_event_values(metrics_by_row, common, base_row, dims=label_dims)
     nk_methods, nk_spread = _table(vals_nk, all_rows)
     without_kw = {"dimensions": label_dims, "methods": nk_methods, "spread": nk_spread,
-                  "relative_kl": relative_kl(vals_nk, mf_rows, non_mf, n_boot)}
+                  "relative_kl": relative_kl(vals_nk, mf_rows, non_mf, n_boot, reference=reference)}
 
     dims: dict = {}
     for r, m in [*((r, (metrics_by_row[r], metrics_by_row[r]["method"])) for r in rows),
@@ -801,6 +807,9 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory=None)
     out = Path(settings.out)
     specs = resolve_specs(settings)
     by_name = {s.name: s for s in specs}
+    if settings.reference not in by_name or not by_name[settings.reference].is_mf:
+        raise ConfigError(f"--reference {settings.reference!r} is not a mean-field row of this bench (rows: "
+                          f"{', '.join(by_name)})", field="reference")
     for s in specs:
         for p in (s.policy_adapter, s.meanfield_adapter):
             if p and not Path(p).expanduser().is_dir():
@@ -830,7 +839,7 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory=None)
             _log(console, f"evaluate {o.key}")
             mets[o.spec.name] = evaluate_run(o.run_dir, **eval_kw)
             metrics_any = mets[o.spec.name]
-        block = aggregate(mets, by_name, meta, settings.bootstrap)
+        block = aggregate(mets, by_name, meta, settings.bootstrap, settings.reference)
         block["cost"] = {o.spec.name: run_cost(o.run_dir, ledger.data.get(o.key, []))
                          for o in outcomes if o.warmup == w}
         block["runs"] = {o.spec.name: str(Path("runs") / o.key) for o in outcomes if o.warmup == w}
@@ -863,6 +872,7 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory=None)
             "eps": metrics_any["eps"] if metrics_any else None,
             "marginal": main["marginal_source"],
             "bootstrap": settings.bootstrap,
+            "reference": settings.reference,
         },
         "machine": machine_info((cfg_example.get("backend") or {}).get("device")),
         "specs": {s.name: asdict(s) for s in specs},
@@ -969,14 +979,18 @@ def render_markdown(r: dict) -> str:
                 L.append(f"| {row} | {h} | {_f(e['kl'])} | {_rel_cell(e['vs_best_non_mf'], True)} | "
                          f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} |")
         L.append("")
-    abl = {row: per_h for row, per_h in r["relative_kl"].items() if row != "mf" and "vs_mf" in per_h["long"]}
+    ref = (r.get("settings") or {}).get("reference", "mf")
+    abl = {row: per_h for row, per_h in r["relative_kl"].items()
+           if row != ref and (per_h["long"].get("vs_reference") or per_h["long"].get("vs_mf"))}
     if abl:
-        L += ["## Mean-field ablations and diagnostics against `mf`", "",
-              "`(KL_row − KL_mf) / KL_mf` [95% paired bootstrap]; wins = share of events where the row's KL is "
-              "lower than mf's. A policy that reads m_t should lose with `mf-empty` / `mf-shuffled` and gain "
-              "with `mf-tf`.", "", "| row | short | mid | long |", "|---|---|---|---|"]
+        L += [f"## Mean-field ablations and diagnostics against `{ref}`", "",
+              f"`(KL_row − KL_ref) / KL_ref` with ref = `{ref}` [95% paired bootstrap]; wins = share of events "
+              "where the row's KL is lower than the reference's. A policy that reads m_t should lose with "
+              "`mf-empty` / `mf-shuffled` and gain with `mf-tf`.", "", "| row | short | mid | long |",
+              "|---|---|---|---|"]
         for row, per_h in abl.items():
-            L.append(f"| {row} | " + " | ".join(_rel_cell(per_h[h].get("vs_mf")) for h in HORIZONS) + " |")
+            L.append(f"| {row} | " + " | ".join(_rel_cell(per_h[h].get("vs_reference") or per_h[h].get("vs_mf"))
+                                                 for h in HORIZONS) + " |")
         L.append("")
     nk = r.get("without_keywords")
     if nk:
