@@ -57,6 +57,10 @@ def simulate(
     base_url: str = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."),
     api: str = typer.Option("completions", help="openai backend: completions | chat."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key."),
+    timeout: float = typer.Option(None, help="openai backend: seconds one attempt may take (default 60)."),
+    retries: int = typer.Option(None, help="openai backend: retries of a failed request (default 5, with backoff)."),
+    max_concurrency: int = typer.Option(None, help="openai backend: requests in flight at once (default 8)."),
+    rate_limit: float = typer.Option(None, help="openai backend: at most this many requests per second."),
     step_size: int = typer.Option(16, help="Agents per step."),
     time_window: float = typer.Option(None, help="Seconds per step instead of a fixed number of agents."),
     warmup: int = typer.Option(48, help="Real actions fed to the mean field before the rollout."),
@@ -72,7 +76,9 @@ def simulate(
     seed: int = typer.Option(0, help="Seed: a run with a local model is reproducible."),
     lang: str = typer.Option("zh", help="Prompt language: zh | en."),
     teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
-    resume: Path = typer.Option(None, help="Continue an interrupted run directory (other options are ignored)."),
+    resume: Path = typer.Option(None, help="Continue an interrupted run directory. Other options are ignored, "
+                                "except the openai endpoint's (--base-url for an endpoint that moved, --timeout, "
+                                "--retries, --max-concurrency, --rate-limit)."),
     force: bool = typer.Option(False, help="Replace --out if it already holds a run."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
@@ -84,17 +90,16 @@ def simulate(
     from mfllm.simulation.runner import resume as resume_run
     from mfllm.simulation.runner import simulate as run_sim
 
+    http = {k: v for k, v in {"timeout_s": timeout, "retries": retries, "max_concurrency": max_concurrency,
+                              "rate_limit_rps": rate_limit}.items() if v is not None}
     try:
         if resume is not None:
-            s = resume_run(str(resume), progress=not quiet)
+            endpoint = {**({"base_url": base_url} if base_url else {}), **http}
+            s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None)
             out = resume
         else:
             if out is None:
                 raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
-            if force:
-                from mfllm.store.run import remove_run
-
-                remove_run(out)
             adapters = _adapter_dirs(backend, meanfield, policy_adapter, meanfield_adapter)
             cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
                             time_window=time_window, lang=lang, seed=seed, temperature=temperature, top_p=top_p,
@@ -104,10 +109,13 @@ def simulate(
                             meanfield_adapter="meanfield" if meanfield_adapter else None)
             opts = {"adapters": adapters} if adapters else {}
             if backend == "openai":
-                opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env}
+                opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env, **http}
+            elif http:
+                raise MfllmError("--timeout / --retries / --max-concurrency / --rate-limit apply to "
+                                 "--backend openai only")
             s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
                         config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet,
-                        on_skipped=_report_skipped)
+                        on_skipped=_report_skipped, replace=force)
     except MfllmError as e:
         raise fail(e) from None
     except ValueError as e:  # pydantic validation of options

@@ -341,6 +341,29 @@ def test_simulate_through_a_faulting_endpoint_then_resume_against_a_healthy_one(
         FAULT_COUNTS[f"e2e-{k}"] += v
 
 
+def test_resume_against_an_endpoint_that_moved(cli, mini_server, mini_reference, tmp_path):
+    """The endpoint goes down for good; the run resumes with --base-url pointing at where it moved, and
+    --retries bounds how long a dead endpoint is tried."""
+    proxy = FaultProxy(mini_server, per_request=0, down_after=6)
+    run = tmp_path / "run"
+    env = cli_env(MFLLM_E2E_KEY=SERVE_KEY)
+    with proxy.srv:
+        res = cli.run("simulate", *SIM_ARGS, "--backend", "openai", "--base-url", proxy.srv.url, "--model",
+                      "mfllm-mini", "--api-key-env", "MFLLM_E2E_KEY", "--retries", "1", "--timeout", "30",
+                      "--out", run, "--quiet", env=env, timeout=300)
+        assert_clean_failure(res, "after 2 attempts", code=3)
+        stored = json.loads((run / "config.json").read_text())["backend_options"]
+        assert stored["retries"] == 1 and stored["base_url"] == proxy.srv.url
+        res = cli.run("simulate", "--resume", run, "--quiet", env=env, timeout=300)  # still down: same error
+        assert_clean_failure(res, "after 2 attempts", code=3)
+        res = cli.run("simulate", "--resume", run, "--base-url", mini_server, "--quiet", env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+    assert_same_run(run, mini_reference)
+    assert json.loads((run / "config.json").read_text())["backend_options"]["base_url"] == proxy.srv.url
+    res = cli.run("simulate", "--resume", tmp_path / "nope", "--base-url", mini_server, "--quiet", timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
 def test_zz_report_fault_counts(tmp_path_factory):
     """Not a check: prints the faults this module injected (docs/reliability.md's table)."""
     print("\nfaults injected:", json.dumps(dict(sorted(FAULT_COUNTS.items()))))

@@ -406,3 +406,34 @@ def test_folder_of_10000_files_some_bad(cli, tmp_path):
     root = tmp_path / "events"
     good, bad = _make_folder(root, 10_000)
     _check_folder(cli, root, good, bad)
+
+
+def test_force_replaces_a_run_only_once_everything_has_loaded(tmp_path):
+    """--force with a mistake (an option, the data, the model) leaves the previous run as it was."""
+    out = tmp_path / "run"
+    res = cli_inproc("simulate", "--limit", "1", "--max-agents", "4", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for bad in (("--step-size", "0"), ("--data", "/nonexistent/x.jsonl"), ("--model", "/nonexistent-model"),
+                ("--timeout", "5")):  # --timeout without --backend openai
+        res = cli_inproc("simulate", "--limit", "1", *bad, "--out", out, "--force", "--quiet")
+        assert_clean_failure(res, code=2)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, bad
+    res = cli_inproc("simulate", "--limit", "1", "--max-agents", "8", "--out", out, "--force", "--quiet")
+    assert res.returncode == 0 and json.loads((out / "config.json").read_text())["sim"]["max_rollout_agents"] == 8
+
+
+def test_resume_may_change_only_the_endpoint_of_an_openai_run(tmp_path):
+    out = tmp_path / "run"
+    res = cli_inproc("simulate", "--limit", "1", "--max-agents", "4", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    (out / "done.json").unlink()
+    res = cli_inproc("simulate", "--resume", out, "--base-url", "http://127.0.0.1:9/v1", "--quiet")
+    assert_clean_failure(res, "apply to an openai run", code=2)
+    from mfllm.errors import ConfigError
+    from mfllm.simulation.runner import resume
+
+    with pytest.raises(ConfigError, match="cannot change model"):
+        resume(str(out), backend_options={"model": "other"}, progress=False)
+    res = cli_inproc("simulate", "--resume", out, "--quiet")
+    assert res.returncode == 0 and (out / "done.json").exists()

@@ -63,9 +63,10 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
              model: str | None = None, backend_options: dict | None = None,
              interventions: list[Intervention] | None = None, intervention_spec: dict | None = None,
              progress: bool = True, loaded: list[Event] | None = None,
-             on_skipped: Callable[[list[DataError]], None] | None = None) -> RunSummary:
+             on_skipped: Callable[[list[DataError]], None] | None = None, replace: bool = False) -> RunSummary:
     """Start a new run in `out`. `loaded` lets a caller pass events it already holds. Bad input files
-    (or JSONL lines) are skipped and handed to `on_skipped` (default: logged as warnings)."""
+    (or JSONL lines) are skipped and handed to `on_skipped` (default: logged as warnings). `replace`: a
+    run already in `out` is removed, but only once the options, data and model have all loaded."""
     config = config or SimConfig()
     check_config(config)  # before anything is loaded or written
     if loaded is None:
@@ -77,6 +78,10 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
         raise ConfigError(f"no events selected from {data} (split={split}, events={events})")
     backend_options = dict(backend_options or {})
     backend = backend or make_backend(backend_name, model, **backend_options)
+    if replace:
+        from mfllm.store.run import remove_run
+
+        remove_run(out)
     store = RunStore(out)
     store.create({
         "data": str(Path(data).resolve()) if data else None,
@@ -153,8 +158,14 @@ def _log_skipped(skipped: list[DataError]) -> None:
         log.warning("skipped: %s", e)
 
 
+# What a resume may change: where and how the endpoint is reached, never what is simulated.
+RESUME_OVERRIDES = ("base_url", "timeout_s", "retries", "max_concurrency", "rate_limit_rps")
+
+
 def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
-           interventions: list[Intervention] | None = None) -> RunSummary:
+           interventions: list[Intervention] | None = None, backend_options: dict | None = None) -> RunSummary:
+    """Continue an interrupted run. `backend_options` may override the openai endpoint's RESUME_OVERRIDES
+    (an endpoint that moved); they apply to this session only, config.json keeps the original."""
     store = RunStore(out)
     cfg = store.config()
     if store.is_done():
@@ -164,8 +175,16 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     missing = set(cfg["events"]) - {e.event_id for e in loaded}
     if missing:
         raise ConfigError(f"cannot resume: events {sorted(missing)[:5]} are no longer in {cfg['data']}")
+    if backend_options:
+        bad = sorted(set(backend_options) - set(RESUME_OVERRIDES))
+        if bad:
+            raise ConfigError(f"a resume cannot change {', '.join(bad)}", field=bad[0])
+        if cfg.get("backend_name") != "openai":
+            raise ConfigError(f"--base-url / --timeout / --retries / ... apply to an openai run; this run used "
+                              f"{cfg.get('backend_name', 'hf')!r}", field="backend")
     if backend is None:
-        backend = make_backend(cfg.get("backend_name", "hf"), cfg.get("model"), **cfg.get("backend_options", {}))
+        backend = make_backend(cfg.get("backend_name", "hf"), cfg.get("model"),
+                               **{**cfg.get("backend_options", {}), **(backend_options or {})})
     if interventions is None and cfg.get("interventions"):
         from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 
