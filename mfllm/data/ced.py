@@ -24,6 +24,7 @@ Known quirks of the real data, handled here:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -301,12 +302,7 @@ def ced_entries(root: Path | str) -> list[Entry]:
             for p in (root / d).glob("*.json"):
                 if p.is_file():
                     reposts.setdefault(p.stem, []).append((p, label))
-    state: dict[str, Counter] = {}
-
-    def activity() -> Counter:
-        if "c" not in state:
-            state["c"] = corpus_activity(root)
-        return state["c"]
+    activity = functools.cache(lambda: corpus_activity(root))  # counted once, on the first event loaded
 
     def make(eid: str) -> Entry:
         sp = sources.get(eid)

@@ -8,6 +8,7 @@ source post's `mid`. The action text is `text` (the user's own words; `original_
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -168,12 +169,7 @@ def rumdect_activity(files: list[Path]) -> Counter:
 def rumdect_entries(path: Path | str) -> list[Entry]:
     """One entry per Rumdect file under `path` (a file, or a folder searched recursively)."""
     files = rumdect_files(path)
-    state: dict[str, Counter] = {}
-
-    def activity() -> Counter:
-        if "c" not in state:
-            state["c"] = rumdect_activity(files)
-        return state["c"]
+    activity = functools.cache(lambda: rumdect_activity(files))  # counted once, on the first event loaded
 
     def make(f: Path) -> Entry:
         eid = peek_event_id(f)
