@@ -55,6 +55,16 @@ class BackendStats:
     budget_capped: int = 0  # requests whose max_new_tokens was cut to fit the context
     seconds: float = 0.0
 
+    def add(self, completions: list[Completion], seconds: float, calls: int = 1, budget_capped: int = 0) -> None:
+        """Count one generate() call's completions (every backend accounts the same way)."""
+        self.calls += calls
+        self.requests += len(completions)
+        self.prompt_tokens += sum(c.prompt_tokens for c in completions)
+        self.generated_tokens += sum(c.generated_tokens for c in completions)
+        self.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in completions)
+        self.budget_capped += budget_capped
+        self.seconds += seconds
+
     def to_dict(self) -> dict:
         return {
             "calls": self.calls,

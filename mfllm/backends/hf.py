@@ -480,14 +480,7 @@ class HFBackend:
         done = [c for c in results if c is not None]
         if len(done) != len(requests):  # pragma: no cover - defensive
             raise BackendError("internal", "a request got no result")
-        st = self.stats
-        st.calls += 1
-        st.requests += len(requests)
-        st.prompt_tokens += sum(c.prompt_tokens for c in done)
-        st.generated_tokens += sum(c.generated_tokens for c in done)
-        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in done)
-        st.budget_capped += capped
-        st.seconds += time.perf_counter() - t0
+        self.stats.add(done, time.perf_counter() - t0, budget_capped=capped)
         return done
 
     def _prefill_prefix(self, prefix: list[int]):

@@ -387,13 +387,7 @@ class OpenAIBackend:
                 raise first_error
         done = [c for c in out if c is not None]
         with self._lock:
-            st = self.stats
-            st.calls += 1
-            st.requests += len(done)
-            st.prompt_tokens += sum(c.prompt_tokens for c in done)
-            st.generated_tokens += sum(c.generated_tokens for c in done)
-            st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in done)
-            st.seconds += time.perf_counter() - t0
+            self.stats.add(done, time.perf_counter() - t0)
         return done
 
     async def _gather(self, items: list[tuple[str, dict]], parse) -> list[Any]:

@@ -287,13 +287,7 @@ class RayBackend:
         out = self._map("generate", [requests])
         if len(out) != len(requests):
             raise BackendError("internal", f"{len(out)} completions for {len(requests)} requests")
-        st = self.stats
-        st.calls += 1
-        st.requests += len(requests)
-        st.prompt_tokens += sum(c.prompt_tokens for c in out)
-        st.generated_tokens += sum(c.generated_tokens for c in out)
-        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in out)
-        st.seconds += time.perf_counter() - t0
+        self.stats.add(out, time.perf_counter() - t0)
         return out
 
     def score(self, prompts: list[str], continuations: list[str], **kwargs) -> list[float]:

@@ -197,13 +197,7 @@ class VLLMBackend:
         if len(outs) != len(requests):
             raise BackendError("internal", f"vLLM returned {len(outs)} outputs for {len(requests)} requests")
         res = [completion_from_output(o) for o in outs]
-        st = self.stats
-        st.calls += 1
-        st.requests += len(res)
-        st.prompt_tokens += sum(c.prompt_tokens for c in res)
-        st.generated_tokens += sum(c.generated_tokens for c in res)
-        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in res)
-        st.seconds += time.perf_counter() - t0
+        self.stats.add(res, time.perf_counter() - t0)
         return res
 
     def score(self, prompts: list[str], continuations: list[str]) -> list[float]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import platform
 import shlex
 import time
@@ -776,21 +775,10 @@ def model_fingerprint(model: str | None) -> str | None:
 
 
 def machine_info(device: str | None = None) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_avg": load, "device": device}
+    from mfllm.bench.machine import cpu_name, load_avg, usable_cpus
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
+            "cpus_usable": usable_cpus(), "load_avg": load_avg(), "device": device}
 
 
 # ------------------------------------------------------------------------------------------- the bench

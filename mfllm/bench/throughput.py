@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest
+from mfllm.bench.machine import cpu_name, load_avg, usable_cpus
 from mfllm.errors import ConfigError
 
 SCHEMA = "mfllm.bench.throughput/1"
@@ -94,13 +95,7 @@ class NaiveBackend:
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         t0 = time.perf_counter()
         out = [self.inner.generate([r])[0] for r in requests]
-        st = self.stats
-        st.calls += len(requests)
-        st.requests += len(requests)
-        st.prompt_tokens += sum(c.prompt_tokens for c in out)
-        st.generated_tokens += sum(c.generated_tokens for c in out)
-        st.cached_prompt_tokens += sum(c.cached_prompt_tokens for c in out)
-        st.seconds += time.perf_counter() - t0
+        self.stats.add(out, time.perf_counter() - t0, calls=len(requests))
         return out
 
     def score(self, prompts, continuations):
@@ -186,32 +181,12 @@ def matmul_peak(device: str = "cpu", dtype=None, n: int = 1024, seconds: float =
 def machine_info(backend) -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        usable = os.cpu_count()
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable, "platform": platform.platform(),
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": getattr(backend, "device", None)}
     if str(info["device"]).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
 
 
 def count_params(backend) -> int | None:
