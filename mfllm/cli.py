@@ -6,6 +6,7 @@ User mistakes print one clear line and exit non-zero; no tracebacks.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -121,6 +122,22 @@ def simulate(
     except ValueError as e:  # pydantic validation of options
         raise fail(_option_error(e)) from None
     err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
+    _report_context_cuts(out)
+
+
+def _report_context_cuts(run_dir: Path) -> None:
+    """Say so when the model's context made the run shorten texts (a small model, e.g. mfllm-mini)."""
+    try:
+        done = json.loads((Path(run_dir) / "done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    capped = (done.get("backend_stats") or {}).get("budget_capped") or 0
+    shortened = done.get("meanfield_prompts_shortened") or 0
+    if capped or shortened:
+        err.print(f"[yellow]note:[/] the model's context was too short for {capped} request(s)' new-token budget "
+                  f"(cut to fit) and {shortened} mean-field prompt(s) (replies shown shorter); see done.json. "
+                  "With mfllm-mini and --meanfield llm, use --step-size 8 --meanfield-max-new-tokens 64.",
+                  highlight=False)
 
 
 def _adapter_dirs(backend: str, meanfield: str, policy: Path | None, mf: Path | None) -> dict[str, str]:

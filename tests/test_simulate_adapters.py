@@ -48,3 +48,16 @@ def test_meanfield_budget_bounds_the_summary(tmp_path, tiny_model_dir):  # noqa:
         first[n] = _mf_texts(tmp_path / f"run{n}")[0]
     # same prompt and seed at step 0: per-token seeds make the short summary the long one's first tokens
     assert first[40].startswith(first[3]) and len(first[3]) < len(first[40])
+
+
+def test_a_run_that_outgrows_minis_context_finishes_and_says_so(tmp_path):
+    """mfllm-mini (320 tokens) with the llm mean field at the default step size and summary budget: the
+    budgets are cut to fit and the summariser's prompts shortened instead of the run failing mid-way."""
+    res = cli_inproc("simulate", "--limit", "1", "--max-agents", "16", "--meanfield", "llm",
+                     "--out", tmp_path / "run", "--quiet")
+    assert res.returncode == 0, res.stderr
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["backend_stats"]["budget_capped"] > 0
+    assert "the model's context was too short" in res.stderr
+    res = cli_inproc("simulate", "--limit", "1", "--max-agents", "16", "--out", tmp_path / "stats", "--quiet")
+    assert res.returncode == 0 and "context was too short" not in res.stderr
