@@ -443,7 +443,7 @@ class HFBackend:
         capped = 0
         if self.max_context:
             # A prompt that does not fit is an error; a new-token budget that does not fit is cut to what is
-            # left (finish_reason "length"), as offline engines do: a long summariser prompt late in an event
+            # left (finish_reason "length"): a long summariser prompt late in an event
             # should shorten its summary, not stop the run.
             fitted = []
             for r, ids in zip(requests, enc, strict=True):
