@@ -917,6 +917,17 @@ def _rel_cell(c: dict | None, name: bool = False) -> str:
     return (f"{c['against']}: " if name and c.get("against") else "") + s
 
 
+def _relative_rows(rel: dict) -> list[str]:
+    """One table line per mean-field row and horizon: KL, then against the best non-MF row and the baselines."""
+    lines = []
+    for row, per_h in rel.items():
+        for h in HORIZONS:
+            e = per_h[h]
+            lines.append(f"| {row} | {h} | {_f(e['kl'])} | {_rel_cell(e['vs_best_non_mf'], True)} | "
+                         f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} |")
+    return lines
+
+
 def render_markdown(r: dict) -> str:
     st = r["settings"]
     L: list[str] = []
@@ -961,12 +972,7 @@ def render_markdown(r: dict) -> str:
               "`(KL_mf − KL_other) / KL_other` on the mean KL over events (negative = mf better); "
               "[95% paired bootstrap interval over events]; wins = share of events where the mf row's KL is lower.",
               "", "| row | horizon | KL | vs best non-MF | vs persistence | vs marginal |", "|---|---|---:|---|---|---|"]
-        for row, per_h in r["relative_kl"].items():
-            for h in HORIZONS:
-                e = per_h[h]
-                L.append(f"| {row} | {h} | {_f(e['kl'])} | {_rel_cell(e['vs_best_non_mf'], True)} | "
-                         f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} |")
-        L.append("")
+        L += _relative_rows(r["relative_kl"]) + [""]
     ref = (r.get("settings") or {}).get("reference", "mf")
     abl = {row: per_h for row, per_h in r["relative_kl"].items()
            if row != ref and (per_h["long"].get("vs_reference") or per_h["long"].get("vs_mf"))}
@@ -996,12 +1002,7 @@ def render_markdown(r: dict) -> str:
                 for h in HORIZONS for m in ("kl", "js")) + " |")
         L += ["", "| row | horizon | KL (8 dims) | vs best non-MF | vs persistence | vs marginal |",
               "|---|---|---:|---|---|---|"]
-        for row, per_h in nk["relative_kl"].items():
-            for h in HORIZONS:
-                e = per_h[h]
-                L.append(f"| {row} | {h} | {_f(e['kl'])} | {_rel_cell(e['vs_best_non_mf'], True)} | "
-                         f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} |")
-        L.append("")
+        L += _relative_rows(nk["relative_kl"]) + [""]
     dims = list(next(iter(r["dimensions"].values()))["long"])
     L += ["## Per dimension (long horizon, KL ↓ / F1 ↑)", "",
           "| dimension | " + " | ".join(r["rows"]) + " |", "|---|" + "---:|" * len(r["rows"])]
