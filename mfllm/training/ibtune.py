@@ -72,7 +72,6 @@ same samples as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import csv
 import gzip
 import json
 import math
@@ -1051,19 +1050,25 @@ def events_needed(cfg: TuneConfig, stage: str) -> int:
 # ----------------------------------------------------------------------------- stage 1: train
 
 
+def _stage_roles(cfg: TuneConfig, trainable: str, frozen: str, frozen_path: str | None) -> tuple[Roles, str | None]:
+    """The base model with the stage's trainable role and, if given, the other role frozen from disk
+    (returned as its name, None when the base model plays it)."""
+    roles = Roles(cfg.base, cfg.device, cfg.dtype, cfg.threads)
+    roles.add_trainable(trainable, full=cfg.full, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                        dropout=cfg.lora_dropout, target_modules=cfg.target_modules, seed=cfg.seed)
+    if not frozen_path:
+        return roles, None
+    roles.load_frozen(frozen, frozen_path)
+    return roles, frozen
+
+
 def train_meanfield(cfg: TuneConfig, train_events: list[Event] | None = None, val_events: list[Event] | None = None,
                     *, progress: bool = True) -> dict:
     """Stage 1: IB-Tune the mean-field adapter. Writes the adapter, curves and training_info.json to cfg.out."""
     cfg.check("meanfield")
     t_start = time.time()
     work = _prepare_work(cfg, "meanfield")
-    roles = Roles(cfg.base, cfg.device, cfg.dtype, cfg.threads)
-    roles.add_trainable("meanfield", full=cfg.full, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                        dropout=cfg.lora_dropout, target_modules=cfg.target_modules, seed=cfg.seed)
-    policy_role = None
-    if cfg.policy_adapter:
-        roles.load_frozen("policy", cfg.policy_adapter)
-        policy_role = "policy"
+    roles, policy_role = _stage_roles(cfg, "meanfield", "policy", cfg.policy_adapter)
 
     data_path = work / "units.json.gz"
     t_data = time.time()
@@ -1132,11 +1137,9 @@ def write_meanfield_curves(out: Path, history: list[dict], before: dict | None =
     keys = ["step", "objective", "reward", "kl", "length", "surrogate", "grad_norm", "lr",
             "val_objective", "val_reward", "val_kl", "val_length"]
     rows = ([{"step": 0, **{f"val_{k}": v for k, v in before.items()}}] if before else []) + history
-    with open(out / "reward_curve.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        for h in rows:
-            wr.writerow({k: h.get(k, "") for k in keys})
+    from mfllm.training.mini import write_curve_csv
+
+    write_curve_csv(out / "reward_curve.csv", keys, rows)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1211,13 +1214,8 @@ def train_policy(cfg: TuneConfig, train_events: list[Event] | None = None, val_e
     cfg.check("policy")
     t_start = time.time()
     work = _prepare_work(cfg, "policy")
-    roles = Roles(cfg.base, cfg.device, cfg.dtype, cfg.threads)
-    roles.add_trainable("policy", full=cfg.full, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                        dropout=cfg.lora_dropout, target_modules=cfg.target_modules, seed=cfg.seed)
-    mf_role = None
-    if cfg.meanfield_adapter and cfg.context == "mf":
-        roles.load_frozen("meanfield", cfg.meanfield_adapter)
-        mf_role = "meanfield"
+    roles, mf_role = _stage_roles(cfg, "policy", "meanfield",
+                                  cfg.meanfield_adapter if cfg.context == "mf" else None)
 
     data_path = work / "examples.json.gz"
     t_data = time.time()

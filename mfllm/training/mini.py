@@ -395,13 +395,18 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
     return info
 
 
-def write_curves(out: Path, history: list[dict]) -> None:
-    keys = ["step", "train_loss", "val_action_nll_per_token", "lr", "tokens"]
-    with open(out / "loss_curve.csv", "w", newline="") as f:
+def write_curve_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """A training curve as CSV: one row per logged step, blank where a step has no value."""
+    with open(path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
-        for h in history:
+        for h in rows:
             wr.writerow({k: h.get(k, "") for k in keys})
+
+
+def write_curves(out: Path, history: list[dict]) -> None:
+    write_curve_csv(out / "loss_curve.csv", ["step", "train_loss", "val_action_nll_per_token", "lr", "tokens"],
+                    history)
     import matplotlib
 
     matplotlib.use("Agg")
