@@ -171,17 +171,17 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     if store.is_done():
         raise ConfigError(f"{out} is already complete; nothing to resume")
     config = _check_run_config(cfg, str(store.dir / "config.json"))
-    loaded = load_events(cfg["data"], event_ids=cfg["events"]).events
-    missing = set(cfg["events"]) - {e.event_id for e in loaded}
-    if missing:
-        raise ConfigError(f"cannot resume: events {sorted(missing)[:5]} are no longer in {cfg['data']}")
-    if backend_options:
+    if backend_options:  # checked before the (slow) data load
         bad = sorted(set(backend_options) - set(RESUME_OVERRIDES))
         if bad:
             raise ConfigError(f"a resume cannot change {', '.join(bad)}", field=bad[0])
         if cfg.get("backend_name") != "openai":
             raise ConfigError(f"--base-url / --timeout / --retries / ... apply to an openai run; this run used "
                               f"{cfg.get('backend_name', 'hf')!r}", field="backend")
+    loaded = load_events(cfg["data"], event_ids=cfg["events"]).events
+    missing = set(cfg["events"]) - {e.event_id for e in loaded}
+    if missing:
+        raise ConfigError(f"cannot resume: events {sorted(missing)[:5]} are no longer in {cfg['data']}")
     if backend is None:
         backend = make_backend(cfg.get("backend_name", "hf"), cfg.get("model"),
                                **{**cfg.get("backend_options", {}), **(backend_options or {})})
