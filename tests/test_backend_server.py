@@ -13,7 +13,8 @@ from helpers.tiny_model import tiny_model_dir  # noqa: F401 - pytest fixture
 from mfllm.backends.base import GenerationRequest, SamplingParams
 from mfllm.backends.hf import HFBackend
 from mfllm.backends.openai_api import OpenAIBackend
-from mfllm.backends.server import make_server, serve_command
+from mfllm.backends.server import make_server
+from mfllm.cli.serve import serve_command
 from mfllm.errors import BackendError
 
 PREFIX = "系统：你是一名微博用户。事件：地震后网友转发消息，官方回应辟谣。平均场：大家都很关注。你的状态："

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mfllm.bench.cli import bench_app
 from mfllm.bench.fidelity import (
     BUILTIN,
     HORIZONS,
@@ -24,6 +23,7 @@ from mfllm.bench.fidelity import (
     render_markdown,
     sim_config,
 )
+from mfllm.cli.bench import bench_app
 from mfllm.errors import ConfigError
 from mfllm.store.run import read_steps
 
@@ -118,7 +118,7 @@ def _marginal(tmp: Path) -> Path:
     """A marginal from sample events the bench does not score (the shipped file may not exist yet)."""
     from mfllm.data.load import load_events
     from mfllm.evaluation.distributions import compute_marginal, save_marginal
-    from mfllm.evaluation.labelers.rules import RulesLabeler
+    from mfllm.labels.rules import RulesLabeler
     from mfllm.paths import SAMPLE_DATA
 
     evs = load_events(SAMPLE_DATA).events[10:14]

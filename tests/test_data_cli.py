@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from mfllm.data.cli import data_app
+from mfllm.cli.data import data_app
 from mfllm.data.load import load_events
 
 FIX = Path(__file__).parent / "fixtures" / "data"

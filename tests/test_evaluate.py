@@ -12,15 +12,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from mfllm.cli.evaluate import compare_command, evaluate_command, marginal_command
 from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import distributions as D
-from mfllm.evaluation.cli import compare_command, evaluate_command, marginal_command
 from mfllm.evaluation.compare import compare_runs
-from mfllm.evaluation.dimensions import ALL_DIMENSIONS
 from mfllm.evaluation.evaluate import evaluate_run, load_run, score
-from mfllm.evaluation.labelers.base import ActionLabels
-from mfllm.evaluation.labelers.rules import RulesLabeler
 from mfllm.evaluation.metrics import METRICS
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.dimensions import ALL_DIMENSIONS
+from mfllm.labels.rules import RulesLabeler
 
 # Weibo-style reactions to a rumour (real texts; "" = plain repost).
 WARMUP = {

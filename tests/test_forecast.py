@@ -19,11 +19,11 @@ from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, DataError
 from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
-from mfllm.simulation.forecast import forecast, load_new_event, score_forecast
 from mfllm.simulation.population import PopulationActions, arrival_rate, extend_population, synthetic_event
 from mfllm.simulation.steps import plan_steps
-from mfllm.simulation.whatif import CATS, block_shares, count_vector, replica_events
 from mfllm.store.run import export_actions
+from mfllm.whatif.forecast import forecast, load_new_event, score_forecast
+from mfllm.whatif.intervene import CATS, block_shares, count_vector, replica_events
 
 RUMOR = "1552_zpfYz0Loc_2174847535"  # 206 real actions
 TEXTS = ["[转发]", "这是谣言吗？", "太可怕了", "辟谣：假的", "支持！", "真的假的", "心疼", "求证"]
@@ -179,8 +179,8 @@ def test_forecast_on_a_sample_event_is_scored_against_the_real_future(event, tmp
 def test_score_forecast_perfect_and_persistence():
     real = np.zeros((2, len(CATS)))
     real[0] = count_vector([])
-    from mfllm.evaluation.dimensions import DIMENSIONS
-    from mfllm.evaluation.labelers.base import ActionLabels
+    from mfllm.labels.base import ActionLabels
+    from mfllm.labels.dimensions import DIMENSIONS
 
     lab = ActionLabels({d: cs[0] for d, cs in DIMENSIONS.items()})
     real[0] = count_vector([lab, lab])

@@ -217,8 +217,8 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, events, tmp
 def test_cli_policy_command(tiny_model_dir, events, tmp_path):  # noqa: F811
     from typer.testing import CliRunner
 
+    from mfllm.cli.train import train_app
     from mfllm.data.jsonl import write_jsonl
-    from mfllm.training.cli import train_app
 
     write_jsonl(events, tmp_path / "ev.jsonl")
     r = CliRunner().invoke(train_app, [

@@ -17,7 +17,7 @@ from mfllm.errors import ConfigError
 from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig, Simulator
 from mfllm.simulation.intervention_spec import build_interventions, parse_spec
-from mfllm.simulation.whatif import intervene
+from mfllm.whatif.intervene import intervene
 
 ROOT = Path(__file__).resolve().parent.parent
 RUMOR = "1552_zpfYz0Loc_2174847535"  # a rumor event of the shipped sample
@@ -328,7 +328,7 @@ def test_intervene_cli_end_to_end_with_a_real_model(tmp_path, tiny_model_dir):  
 
 
 def test_cli_defaults_are_the_engines():
-    from mfllm.simulation.whatif_cli import DEFAULTS
+    from mfllm.cli.whatif import DEFAULTS
 
     assert DEFAULTS == {k: SimConfig.model_fields[k].default for k in DEFAULTS}
 

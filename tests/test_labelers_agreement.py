@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mfllm.evaluation.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.agreement import DEFAULT_FIXTURE, load_fixture, measure
-from mfllm.evaluation.labelers.rules import RulesLabeler
+from mfllm.labels.agreement import DEFAULT_FIXTURE, load_fixture, measure
+from mfllm.labels.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
+from mfllm.labels.rules import RulesLabeler
 
 CED = Path("/work/shared/data/ced")
 

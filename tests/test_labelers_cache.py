@@ -10,10 +10,10 @@ import sqlite3
 import pytest
 
 from mfllm.errors import ConfigError
-from mfllm.evaluation.dimensions import PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.base import ActionLabels
-from mfllm.evaluation.labelers.cache import CachedLabeler, LabelCache
-from mfllm.evaluation.labelers.rules import RulesLabeler
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.cache import CachedLabeler, LabelCache
+from mfllm.labels.dimensions import PLAIN_REPOST_LABELS
+from mfllm.labels.rules import RulesLabeler
 
 
 class CountingLabeler:

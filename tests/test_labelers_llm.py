@@ -9,10 +9,10 @@ import pytest
 
 from mfllm.backends.base import BackendStats, Completion
 from mfllm.errors import BackendError, ConfigError
-from mfllm.evaluation.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.base import Labeler
-from mfllm.evaluation.labelers.cache import CachedLabeler
-from mfllm.evaluation.labelers.llm import LLMLabeler, extract_json, parse_answer
+from mfllm.labels.base import Labeler
+from mfllm.labels.cache import CachedLabeler
+from mfllm.labels.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
+from mfllm.labels.llm import LLMLabeler, extract_json, parse_answer
 from mfllm.prompts.templates import template
 
 _ITEM_RE = re.compile(r'^(t\d+): (".*")$', re.MULTILINE)

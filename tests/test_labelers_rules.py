@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mfllm.evaluation.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.base import ActionLabels, Labeler
-from mfllm.evaluation.labelers.rules import MAX_KEYWORDS, RulesLabeler, is_plain_repost
+from mfllm.labels.base import ActionLabels, Labeler
+from mfllm.labels.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
+from mfllm.labels.rules import MAX_KEYWORDS, RulesLabeler, is_plain_repost
 
 
 @pytest.fixture(scope="module")

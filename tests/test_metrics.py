@@ -9,7 +9,7 @@ import pytest
 
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
-from mfllm.evaluation.labelers.base import ActionLabels
+from mfllm.labels.base import ActionLabels
 
 # ------------------------------------------------------------------ KL
 

@@ -28,9 +28,9 @@ from helpers.fake_openai import RESET, FakeOpenAI, Raw, ok_payload
 from mfllm.backends.base import GenerationRequest, SamplingParams
 from mfllm.backends.openai_api import OpenAIBackend
 from mfllm.errors import BackendError
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers.cache import CachedLabeler, LabelCache
-from mfllm.evaluation.labelers.llm import LLMLabeler
+from mfllm.labels.cache import CachedLabeler, LabelCache
+from mfllm.labels.dimensions import DIMENSIONS
+from mfllm.labels.llm import LLMLabeler
 
 MARK = "INJECTED-FAULT"  # in every injected error; must never reach a completion, action or label
 FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}

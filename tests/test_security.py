@@ -26,7 +26,7 @@ def _judge(n, body, headers):
     """A fake LLM judge: requires JUDGE_KEY, answers valid labels for every item it is asked."""
     if headers.get("Authorization") != f"Bearer {JUDGE_KEY}":
         return 401, {"error": {"message": f"bad key {headers.get('Authorization')}"}}, {}
-    from mfllm.evaluation.dimensions import DIMENSIONS
+    from mfllm.labels.dimensions import DIMENSIONS
 
     item = {dim: cats[0] for dim, cats in DIMENSIONS.items()} | {"keywords": ["词"]}
     return 200, ok_payload(json.dumps({i: item for i, _ in _ITEM_RE.findall(body["prompt"])})), {}
@@ -133,7 +133,7 @@ def test_serve_binds_loopback_by_default_and_checks_requests(mini_server):
 
 
 def test_serve_cli_defaults_and_errors():
-    from mfllm.backends.server import serve_command
+    from mfllm.cli.serve import serve_command
 
     defaults = {p.name: p.default for p in __import__("inspect").signature(serve_command).parameters.values()}
     assert defaults["host"].default == "127.0.0.1"

@@ -667,7 +667,7 @@ def _table(vals: dict, rows: Sequence[str]) -> tuple[dict, dict]:
 def aggregate(metrics_by_row: dict[str, dict], specs: dict[str, MethodSpec], event_meta: dict[str, dict],
               n_boot: int = 2000, reference: str = "mf") -> dict:
     """The results block of one warm-up: tables, spreads, relative KL, per dimension, per domain."""
-    from mfllm.evaluation.dimensions import ALL_DIMENSIONS
+    from mfllm.labels.dimensions import ALL_DIMENSIONS
 
     rows = list(metrics_by_row)
     base_row = "mf" if "mf" in metrics_by_row else rows[0]

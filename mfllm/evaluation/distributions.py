@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from mfllm.errors import ConfigError, DataError
-from mfllm.evaluation.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS
-from mfllm.evaluation.labelers.base import ActionLabels, Labeler
+from mfllm.labels.base import ActionLabels, Labeler
+from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS
 
 OTHER = "<other>"  # the keywords' catch-all category (angle brackets: never a real keyword)
 HORIZONS: tuple[str, ...] = ("short", "mid", "long")

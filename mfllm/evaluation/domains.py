@@ -1,6 +1,6 @@
 """Event domains, tagged from the source post by keyword rules.
 
-Each domain has a lexicon file ``mfllm/evaluation/labelers/lexicons/domains/<domain>.txt`` (one term a
+Each domain has a lexicon file ``mfllm/labels/lexicons/domains/<domain>.txt`` (one term a
 line, lower case, ``#`` comments). ``tag_domain`` counts the distinct terms of each domain found in the
 source text (lower-cased, @mentions and URLs removed); the domain with the most wins, ties go to the one whose matched terms are
 longer in total, then to the earlier domain in ``DOMAINS``. No match at all -> "News".
@@ -19,7 +19,7 @@ _STRIP_RE = re.compile(r"@[\w\u4e00-\u9fff\-·]{1,30}|https?://\S*", re.IGNORECA
 
 @cache
 def domain_lexicons() -> dict[str, tuple[str, ...]]:
-    base = resources.files("mfllm.evaluation.labelers").joinpath("lexicons", "domains")
+    base = resources.files("mfllm.labels").joinpath("lexicons", "domains")
     out: dict[str, tuple[str, ...]] = {}
     for d in DOMAINS:
         text = base.joinpath(f"{d.lower()}.txt").read_text(encoding="utf-8")

@@ -22,8 +22,8 @@ import numpy as np
 from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
-from mfllm.evaluation.dimensions import ALL_DIMENSIONS
-from mfllm.evaluation.labelers.base import ActionLabels, Labeler
+from mfllm.labels.base import ActionLabels, Labeler
+from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.store.run import STEPS, atomic_write_text, read_steps
 
 SCHEMA_VERSION = 1
@@ -130,7 +130,7 @@ def resolve_labeler(
     SQLite label cache: ``cache`` None = the default file, "" = no cache, else that file)."""
     if not isinstance(labeler, str):
         return labeler
-    from mfllm.evaluation.labelers import make_labeler
+    from mfllm.labels import make_labeler
 
     return make_labeler(labeler, cache="" if cache == "" else cache, **options)
 

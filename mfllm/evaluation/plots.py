@@ -22,7 +22,7 @@ from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mfllm.evaluation import distributions as D  # noqa: E402
-from mfllm.evaluation.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS  # noqa: E402
+from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS  # noqa: E402
 
 if TYPE_CHECKING:
     from mfllm.evaluation.evaluate import Evaluation

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
-from mfllm.evaluation.dimensions import ALL_DIMENSIONS
+from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.store.run import atomic_write_text
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 
 from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
-from mfllm.evaluation.dimensions import DIMENSIONS
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.prompts.templates import EXAMPLE_CHARS, ITEM_CHARS, clip, meanfield_prompt, strings, template
 
 
@@ -70,7 +70,7 @@ class StatsMeanField(MeanFieldModel):
         if not 0.0 <= decay <= 1.0:
             raise ConfigError("decay must be in [0, 1]", field="meanfield.decay")
         if labeler is None:
-            from mfllm.evaluation.labelers.rules import RulesLabeler
+            from mfllm.labels.rules import RulesLabeler
 
             labeler = RulesLabeler()
         self.labeler, self.lang, self.decay = labeler, lang, decay

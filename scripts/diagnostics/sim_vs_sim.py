@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers import make_labeler
+from mfllm.labels import make_labeler
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.store.run import read_steps
 
 bench = Path(sys.argv[1])

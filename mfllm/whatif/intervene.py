@@ -1,6 +1,6 @@
 """What-if experiments: replicas of an event run together, label-share trajectories, and interventions.
 
-Shared by `mfllm forecast` (mfllm.simulation.forecast) and `mfllm intervene` (here):
+Shared by `mfllm forecast` (mfllm.whatif.forecast) and `mfllm intervene` (here):
 
 - **Replicas.** R runs of one event are R copies with ids ``ID#r0 .. ID#r{R-1}``, advanced together by the
   engine (one batched call per round). The engine derives every agent's seed from (seed, event id,
@@ -37,8 +37,8 @@ from mfllm.backends.base import Backend
 from mfllm.data.schema import Event
 from mfllm.errors import ConfigError, MfllmError
 from mfllm.evaluation import metrics as M
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers.base import ActionLabels, Labeler
+from mfllm.labels.base import ActionLabels, Labeler
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig, Simulator
 from mfllm.simulation.interventions import Intervention
@@ -479,7 +479,7 @@ def intervene(event: Event, spec: Any, out: str | Path, *, observe: int = 48, ho
     result = effects_report(event, spec_obj, ivs, tb, ti, base, intv, config, observe, horizon, runs, bin_steps,
                             window, lab)
     if plots:
-        from mfllm.simulation.forecast import plot_effects, plot_trajectories
+        from mfllm.whatif.forecast import plot_effects, plot_trajectories
 
         plot_trajectories(out / "trajectories.png", {"baseline": tb, "intervened": ti}, bin_steps,
                           title=f"{event.event_id}: baseline vs intervened ({runs} paired runs, band 5-95%)",

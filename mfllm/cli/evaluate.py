@@ -1,4 +1,4 @@
-"""Typer command functions for `mfllm evaluate` and `mfllm compare` (mounted by mfllm/cli.py):
+"""Typer command functions for `mfllm evaluate` and `mfllm compare` (mounted by mfllm/cli/main.py):
 
     app.command("evaluate")(evaluate_command)
     app.command("compare")(compare_command)

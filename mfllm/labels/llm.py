@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field
 
 from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
-from mfllm.evaluation.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.base import ActionLabels
-from mfllm.evaluation.labelers.rules import MAX_KEYWORDS, is_plain_repost
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.dimensions import DIMENSIONS, PLAIN_REPOST_LABELS
+from mfllm.labels.rules import MAX_KEYWORDS, is_plain_repost
 from mfllm.prompts.templates import template
 
 TEXT_CHARS = 280  # one action as shown to the judge (a Weibo post is at most 140 characters)

@@ -169,5 +169,5 @@ def convert_cmd(
         raise typer.Exit(code=1)
 
 
-if __name__ == "__main__":  # python -m mfllm.data.cli ...
+if __name__ == "__main__":  # python -m mfllm.cli.data ...
     data_app()

@@ -1,4 +1,4 @@
-"""`mfllm forecast` and `mfllm intervene` (mounted by mfllm/cli.py). See docs/whatif.md.
+"""`mfllm forecast` and `mfllm intervene` (mounted by mfllm/cli/main.py). See docs/whatif.md.
 
     mfllm forecast --event 2093_zo3d75jHx_2157801852 --observe 48 --horizon 96 --runs 8 --out out/fc
     mfllm forecast --new-event my_event.json --horizon 200 --runs 8 --out out/fc-new
@@ -102,7 +102,7 @@ def forecast_command(
 
     Example: mfllm forecast --event 2093_zo3d75jHx_2157801852 --observe 48 --horizon 96 --out out/fc
     """
-    from mfllm.simulation.forecast import forecast, load_new_event
+    from mfllm.whatif.forecast import forecast, load_new_event
 
     try:
         if new_event is not None:
@@ -130,7 +130,7 @@ def forecast_command(
     if res.get("scores"):
         from rich.table import Table
 
-        from mfllm.simulation.forecast import SOURCES
+        from mfllm.whatif.forecast import SOURCES
 
         t = Table(title=f"error by horizon (JS, macro over dimensions) - {ev.event_id}")
         t.add_column("agents after warm-up")
@@ -167,7 +167,7 @@ def intervene_command(
     Example: mfllm intervene --event 2093_zo3d75jHx_2157801852 --spec examples/rebuttal.yaml --runs 8 --out out/iv
     """
     from mfllm.simulation.intervention_spec import parse_spec
-    from mfllm.simulation.whatif import intervene
+    from mfllm.whatif.intervene import intervene
 
     try:
         sp = parse_spec(spec)  # a bad spec fails before any model is loaded

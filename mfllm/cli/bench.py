@@ -1,4 +1,4 @@
-"""`mfllm bench ...`: benchmarks that print numbers (mounted by mfllm/cli.py as ``bench_app``).
+"""`mfllm bench ...`: benchmarks that print numbers (mounted by mfllm/cli/main.py as ``bench_app``).
 
 One shared typer sub-app; each benchmark adds its command here:
 

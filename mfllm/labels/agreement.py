@@ -1,8 +1,8 @@
 """How well a labeler agrees with the hand-labelled CED actions (tests/fixtures/labels/hand_labelled.jsonl).
 
-    python -m mfllm.evaluation.labelers.agreement            # table for the rules labeler
-    python -m mfllm.evaluation.labelers.agreement --speed    # + actions/second
-    python -m mfllm.evaluation.labelers.agreement --split    # + dev (even rows) / held-out (odd rows)
+    python -m mfllm.labels.agreement            # table for the rules labeler
+    python -m mfllm.labels.agreement --speed    # + actions/second
+    python -m mfllm.labels.agreement --split    # + dev (even rows) / held-out (odd rows)
 
 ``sample_actions`` is how the hand-labelled set was drawn (deterministic, from the CED repost files).
 """
@@ -15,11 +15,11 @@ import random
 import time
 from pathlib import Path
 
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers.base import Labeler
+from mfllm.labels.base import Labeler
+from mfllm.labels.dimensions import DIMENSIONS
 
 DEFAULT_FIXTURE = (
-    Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "labels" / "hand_labelled.jsonl"
+    Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "labels" / "hand_labelled.jsonl"
 )
 
 
@@ -118,7 +118,7 @@ def _markdown(result: dict, title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mfllm.evaluation.labelers.rules import RulesLabeler
+    from mfllm.labels.rules import RulesLabeler
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", default=str(DEFAULT_FIXTURE))

@@ -20,8 +20,8 @@ import re
 from collections import defaultdict
 from importlib import resources
 
-from mfllm.evaluation.dimensions import PLAIN_REPOST_LABELS
-from mfllm.evaluation.labelers.base import ActionLabels
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.dimensions import PLAIN_REPOST_LABELS
 
 # Tags = lexicon file names (without .txt) that the scanner looks for.
 TAGS: tuple[str, ...] = (
@@ -67,7 +67,7 @@ def is_plain_repost(text: str | None) -> bool:
 
 
 def _read_lexicon(name: str) -> list[str]:
-    path = resources.files("mfllm.evaluation.labelers").joinpath("lexicons", f"{name}.txt")
+    path = resources.files("mfllm.labels").joinpath("lexicons", f"{name}.txt")
     terms = []
     for line in path.read_text(encoding="utf-8").splitlines():
         t = line.strip().lower()

@@ -1,6 +1,6 @@
 """Forecast an event's reactions: W observed actions as the warm-up, then H simulated agents, R times.
 
-    from mfllm.simulation.forecast import forecast
+    from mfllm.whatif.forecast import forecast
     res = forecast(event, "out/fc", observe=32, horizon=96, runs=8)
 
 Writes to the output folder:
@@ -40,10 +40,11 @@ from mfllm.backends.base import Backend
 from mfllm.data.schema import Action, Event, Profile, SourcePost
 from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import metrics as M
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers.base import Labeler
+from mfllm.labels.base import Labeler
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.simulation.engine import SimConfig
-from mfllm.simulation.whatif import (
+from mfllm.store.run import atomic_write_json, atomic_write_text
+from mfllm.whatif.intervene import (
     BLOCKS,
     CATS,
     PLOT_CATS,
@@ -61,7 +62,6 @@ from mfllm.simulation.whatif import (
     run_arm,
     trajectories,
 )
-from mfllm.store.run import atomic_write_json, atomic_write_text
 
 SCORE_METRICS = ("kl", "js", "wasserstein")
 _METRIC_FN = {"kl": M.kl, "js": M.js, "wasserstein": M.wasserstein}

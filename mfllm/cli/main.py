@@ -26,12 +26,12 @@ def fail(e: MfllmError) -> typer.Exit:
 
 def _mount() -> None:
     """Each part of the pipeline owns its commands; they are gathered here."""
-    from mfllm.backends.server import serve_command
-    from mfllm.bench.cli import bench_app
-    from mfllm.data.cli import data_app
-    from mfllm.evaluation.cli import compare_command, evaluate_command, marginal_command
-    from mfllm.simulation.whatif_cli import forecast_command, intervene_command
-    from mfllm.training.cli import train_app
+    from mfllm.cli.bench import bench_app
+    from mfllm.cli.data import data_app
+    from mfllm.cli.evaluate import compare_command, evaluate_command, marginal_command
+    from mfllm.cli.serve import serve_command
+    from mfllm.cli.train import train_app
+    from mfllm.cli.whatif import forecast_command, intervene_command
 
     app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
     app.command("evaluate")(evaluate_command)

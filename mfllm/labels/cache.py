@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 
 from mfllm.errors import ConfigError
-from mfllm.evaluation.dimensions import DIMENSIONS
-from mfllm.evaluation.labelers.base import ActionLabels, Labeler
+from mfllm.labels.base import ActionLabels, Labeler
+from mfllm.labels.dimensions import DIMENSIONS
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (

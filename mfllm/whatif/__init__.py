@@ -1,0 +1,1 @@
+"""What-if: forecasts of an event's next hours and paired-seed intervention effects, with bands (built on simulation)."""
