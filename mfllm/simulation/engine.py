@@ -13,7 +13,6 @@ run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.prompts.templates import policy_prefix, policy_suffix, target_to_action
+from mfllm.seeds import derive_seed  # noqa: F401 - re-exported
 from mfllm.simulation.history import History
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldState, MeanFieldUpdate, make_meanfield
@@ -58,11 +58,6 @@ class SimConfig(BaseModel, extra="forbid"):
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, stop=("\n",))
-
-
-def derive_seed(*parts: object) -> int:
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") & ((1 << 63) - 1)
 
 
 @dataclass
