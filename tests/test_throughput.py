@@ -165,7 +165,7 @@ def test_prefix_attention_equals_attention_over_the_whole_sequence(groups, q, ma
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    import mfllm.backends.hf as hfm
+    import mfllm.backends.hf.attention as hfm
 
     hfm._SDPA = sdpa_attention_forward
     torch.manual_seed(groups * 10 + q)
@@ -181,8 +181,8 @@ def test_prefix_attention_equals_attention_over_the_whole_sequence(groups, q, ma
     if masked == "additive":
         mask = torch.zeros(b, 1, q, n_own).masked_fill(~own, torch.finfo(torch.float32).min)
     module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=groups, is_causal=True)
-    with hfm._shared_prefix([types.SimpleNamespace(keys=pk, values=pv)]):
-        got, _ = hfm._prefix_sdpa(module, query, k, v, mask, scaling=d**-0.5)
+    with hfm.shared_prefix([types.SimpleNamespace(keys=pk, values=pv)]):
+        got, _ = hfm.prefix_sdpa(module, query, k, v, mask, scaling=d**-0.5)
     full_mask = torch.cat([torch.ones(b, 1, q, n_pre, dtype=torch.bool), own], dim=-1)
     kk = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(groups, dim=1)
     vv = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(groups, dim=1)
@@ -190,5 +190,5 @@ def test_prefix_attention_equals_attention_over_the_whole_sequence(groups, q, ma
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     # outside a shared-prefix chunk it is plain sdpa
     k_all, v_all = torch.cat([pk.expand(b, -1, -1, -1), k], 2), torch.cat([pv.expand(b, -1, -1, -1), v], 2)
-    got2, _ = hfm._prefix_sdpa(module, query, k_all, v_all, full_mask, scaling=d**-0.5)
+    got2, _ = hfm.prefix_sdpa(module, query, k_all, v_all, full_mask, scaling=d**-0.5)
     assert torch.allclose(got2, want, atol=1e-5)
