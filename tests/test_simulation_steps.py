@@ -42,16 +42,16 @@ def test_resume_keeps_only_a_window_yet_rebuilds_the_same_history():
     from mfllm.paths import SAMPLE_DATA
     from mfllm.simulation.engine import HISTORY_WINDOW, SimConfig, Simulator, fold_records
     from mfllm.simulation.history import History
+    from mfllm.store.records import ActionRecord, StepRecord
 
     events = load_events(SAMPLE_DATA / "events.jsonl", split="all", limit=10).events
     ev = max(events, key=lambda e: sum(a.parent is not None for a in e.actions[:400]))
     acts = ev.actions[:400]
     assert sum(a.parent is not None for a in acts) > 10  # a real cascade with reposts of reposts
     sim = Simulator(None, SimConfig(method="popular", step_size=16, warmup=len(acts)))
-    records = [{"event_id": ev.event_id, "step": st.index, "phase": st.phase,
-                "meanfield_state": {"text": f"m{st.index}", "data": {}},
-                "actions": [{"action_id": a.action_id, "state": "", "real_text": a.text, "sim_text": None,
-                             "parent": a.parent, "followers": a.profile.followers, "time": a.time} for a in st.actions]}
+    records = [StepRecord(ev.event_id, st.index, st.phase, f"m{st.index}", {"text": f"m{st.index}", "data": {}},
+                          [ActionRecord(a.agent_id, a.action_id, a.time, "", a.text, parent=a.parent,
+                                        followers=a.profile.followers) for a in st.actions])
                for st in plan_steps(acts, 16, len(acts))]
     point = fold_records(records, teacher_forcing=False)[ev.event_id]
     assert len(point.tail) == HISTORY_WINDOW < len(acts)
@@ -63,5 +63,5 @@ def test_resume_keeps_only_a_window_yet_rebuilds_the_same_history():
     assert [(i.action_id, i.text, i.order) for i in run.history.items] == [(i.action_id, i.text, i.order) for i in full.items]
     assert run.history.reposts_received == full.reposts_received and run.history.total == full.total == len(acts)
     assert any(v > 0 for v in full.reposts_received.values())
-    assert run.next_step == records[-1]["step"] + 1 and run.agents == len(acts)
-    assert run.meanfield.text == records[-1]["meanfield_state"]["text"]
+    assert run.next_step == records[-1].step + 1 and run.agents == len(acts)
+    assert run.meanfield.text == records[-1].meanfield_state["text"]

@@ -31,6 +31,7 @@ from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldState, MeanFieldUpdate, make_meanfield
 from mfllm.simulation.methods import METHODS, Method, make_method
 from mfllm.simulation.steps import Step, plan_steps
+from mfllm.store.records import ActionRecord, StepRecord
 
 
 class SimConfig(BaseModel, extra="forbid"):
@@ -94,18 +95,19 @@ class ResumePoint:
     agents: int = 0
     meanfield_state: dict | None = None
 
-    def add(self, rec: dict, teacher_forcing: bool) -> None:
-        self.steps.append(rec["step"])
-        for a, (_, text) in zip(rec["actions"], _fed(rec["actions"], rec["phase"], teacher_forcing), strict=True):
-            self.tail.append((a["action_id"], text, a.get("parent"), a.get("followers"), a["time"]))
+    def add(self, rec: StepRecord | dict, teacher_forcing: bool) -> None:
+        rec = StepRecord.from_json(rec)
+        self.steps.append(rec.step)
+        for a, (_, text) in zip(rec.actions, _fed(rec.actions, rec.phase, teacher_forcing), strict=True):
+            self.tail.append((a.action_id, text, a.parent, a.followers, a.time))
             self.fed += 1
-            if rec["phase"] == "rollout" and not a.get("injected"):
+            if rec.phase == "rollout" and not a.injected:
                 self.rollout_done += 1
-        self.agents += len(rec["actions"])
-        self.meanfield_state = rec["meanfield_state"]
+        self.agents += len(rec.actions)
+        self.meanfield_state = rec.meanfield_state
 
 
-def fold_records(records: Iterable[dict], teacher_forcing: bool) -> dict[str, ResumePoint]:
+def fold_records(records: Iterable[StepRecord | dict], teacher_forcing: bool) -> dict[str, ResumePoint]:
     """Finished step records (in file order) -> one ResumePoint per event."""
     out: dict[str, ResumePoint] = {}
     for rec in records:
@@ -150,7 +152,7 @@ class Simulator:
         return EventRun(event, plan_steps(event.actions, self.cfg.step_size, self.cfg.warmup, self.cfg.time_window),
                         History(self.window), self.meanfield.initial(self.cfg.lang))
 
-    def restore(self, event: Event, done: ResumePoint | list[dict]) -> EventRun:
+    def restore(self, event: Event, done: ResumePoint | list[StepRecord]) -> EventRun:
         """Rebuild an event's state from its finished steps (a resumed run)."""
         if not isinstance(done, ResumePoint):
             done = fold_records(done, self.cfg.teacher_forcing).get(event.event_id, ResumePoint())
@@ -174,8 +176,8 @@ class Simulator:
         return run
 
     # ------------------------------------------------------------------ the loop
-    def run(self, events: Iterable[Event], sink: Callable[[dict], None],
-            resume: dict[str, ResumePoint | list[dict]] | None = None,
+    def run(self, events: Iterable[Event], sink: Callable[[StepRecord], None],
+            resume: dict[str, ResumePoint | list[StepRecord]] | None = None,
             should_stop: Callable[[], bool] | None = None) -> RunSummary:
         """Simulate events; each finished step's record goes to `sink` (the run store) in order."""
         resume = resume or {}
@@ -223,7 +225,7 @@ class Simulator:
             step.actions = step.actions[:left]
         return step
 
-    def _round(self, runs: list[EventRun], summary: RunSummary) -> list[dict]:
+    def _round(self, runs: list[EventRun], summary: RunSummary) -> list[StepRecord]:
         cfg, lang = self.cfg, self.cfg.lang
         t0 = time.time()
         requests: list[GenerationRequest] = []
@@ -264,23 +266,21 @@ class Simulator:
         updates, records = [], []
         for run, step, actions, states, injected, lo, hi in plan:
             ev_id = run.event.event_id
-            rows = []
+            rows: list[ActionRecord] = []
             for inj in injected:
-                rows.append({"agent_id": inj.agent_id, "action_id": f"inj-{step.index}-{len(rows)}", "time": None,
-                             "state": inj.state, "real_text": inj.text, "sim_text": inj.text, "parent": None,
-                             "followers": None, "prompt_tokens": 0, "generated_tokens": 0, "injected": True})
+                rows.append(ActionRecord(inj.agent_id, f"inj-{step.index}-{len(rows)}", None, inj.state, inj.text,
+                                         sim_text=inj.text, injected=True))
             comps = completions[lo:hi]
             for i, (a, st) in enumerate(zip(actions, states, strict=True)):
-                row = {"agent_id": a.agent_id, "action_id": a.action_id, "time": a.time, "state": st,
-                       "real_text": a.text, "sim_text": None, "parent": a.parent, "followers": a.profile.followers,
-                       "prompt_tokens": 0, "generated_tokens": 0}
+                row = ActionRecord(a.agent_id, a.action_id, a.time, st, a.text, parent=a.parent,
+                                   followers=a.profile.followers)
                 if step.phase == "rollout":
                     c = comps[i]
                     line = c.text.split("\n", 1)[0]
                     if not line.strip():
                         summary.empty_outputs += 1
-                    row.update(sim_text=target_to_action(line, lang), prompt_tokens=c.prompt_tokens,
-                               generated_tokens=c.generated_tokens)
+                    row.sim_text = target_to_action(line, lang)
+                    row.prompt_tokens, row.generated_tokens = c.prompt_tokens, c.generated_tokens
                     run.prompt_tokens += c.prompt_tokens
                     run.generated_tokens += c.generated_tokens
                     summary.prompt_tokens += c.prompt_tokens
@@ -298,17 +298,16 @@ class Simulator:
         out = []
         for (run, step, *_), rows, mf in zip(plan, records, new_mfs, strict=True):
             for r, (_, text) in zip(rows, _fed(rows, step.phase, cfg.teacher_forcing), strict=True):
-                run.history.add(r["action_id"], text, r["parent"], r["followers"], r["time"] or 0.0)
+                run.history.add(r.action_id, text, r.parent, r.followers, r.time or 0.0)
             run.meanfield = mf
             run.next_step = step.index + 1
             run.agents += len(rows)
-            out.append({"event_id": run.event.event_id, "step": step.index, "phase": step.phase,
-                        "meanfield": mf.text, "meanfield_state": mf.to_dict(), "actions": rows, "seconds": seconds})
+            out.append(StepRecord(run.event.event_id, step.index, step.phase, mf.text, mf.to_dict(), rows, seconds))
         return out
 
 
-def _fed(rows: list[dict], phase: str, teacher_forcing: bool) -> list[tuple[str, str]]:
-    return [(r["state"], r["real_text"] if (phase == "warmup" or teacher_forcing or r.get("injected")) else r["sim_text"])
+def _fed(rows: list[ActionRecord], phase: str, teacher_forcing: bool) -> list[tuple[str, str]]:
+    return [(r.state, r.real_text if (phase == "warmup" or teacher_forcing or r.injected) else r.sim_text)
             for r in rows]
 
 

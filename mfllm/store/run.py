@@ -1,7 +1,7 @@
 """The run directory: written step by step, readable after a crash, resumable.
 
 - config.json and done.json are written atomically (temp file + fsync + rename).
-- steps.jsonl is append-only; every line carries the sha256 of its own content, so a torn or
+- steps.jsonl is append-only, one step record per line (mfllm.store.records.StepRecord); every line carries the sha256 of its own content, so a torn or
   corrupted line (a crash mid-write) is detected and never read as data. On resume the file is cut
   back to its last good line and the missing steps are simply recomputed (seeds are per agent and
   per step, so they come out the same).
@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mfllm.errors import ConfigError
-from mfllm.files import atomic_write_json, atomic_write_text, fsync_dir  # noqa: F401 - re-exported for run-directory users
+from mfllm.files import atomic_open, atomic_write_json, atomic_write_text, fsync_dir  # noqa: F401 - re-exported for run-directory users
+from mfllm.store.records import ActionRecord, StepRecord  # noqa: F401 - re-exported
 
 STEPS = "steps.jsonl"
 CONFIG = "config.json"
@@ -29,7 +31,10 @@ def _digest(record: dict) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def encode_record(record: dict) -> str:
+def encode_record(record: StepRecord | dict) -> str:
+    """One steps.jsonl line: the record's JSON with the sha256 of its own content."""
+    if isinstance(record, StepRecord):
+        record = record.to_json()
     rec = {k: v for k, v in record.items() if k != "sha"}
     rec["sha"] = _digest(rec)
     return json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
@@ -48,8 +53,15 @@ def decode_line(line: str) -> dict | None:
 
 
 def read_steps(run_dir: str | Path) -> list[dict]:
-    """All good step records, in file order (stops at the first bad line: nothing after it is trusted)."""
+    """All good step records as plain dicts, in file order (stops at the first bad line: nothing after
+    it is trusted). Lenient: a hand-made record missing fields still reads (see :func:`iter_records`)."""
     return list(iter_steps(run_dir))
+
+
+def iter_records(run_dir: str | Path) -> Iterator[StepRecord]:
+    """The good step records, typed, in file order."""
+    for rec in iter_steps(run_dir):
+        yield StepRecord.from_json(rec)
 
 
 def iter_steps(run_dir: str | Path) -> Iterator[dict]:
@@ -91,11 +103,11 @@ class RunStore:
         except ValueError as e:
             raise ConfigError(f"unreadable run config: {e}", path=str(p)) from None
 
-    def recover(self) -> list[dict]:
+    def recover(self) -> list[StepRecord]:
         """Good records; the file is truncated after the last good line so appends continue cleanly."""
         return list(self.recover_iter())
 
-    def recover_iter(self) -> Iterator[dict]:
+    def recover_iter(self) -> Iterator[StepRecord]:
         """:meth:`recover` one record at a time (a resume folds them without holding them all); the
         truncation happens when the iteration is finished."""
         path = self.dir / STEPS
@@ -108,13 +120,13 @@ class RunStore:
                 if rec is None:
                     break
                 offset += len(raw)
-                yield rec
+                yield StepRecord.from_json(rec)
         if offset != path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(offset)
                 os.fsync(f.fileno())
 
-    def append(self, record: dict) -> None:
+    def append(self, record: StepRecord | dict) -> None:
         if self._f is None:
             self._f = open(self.dir / STEPS, "a", encoding="utf-8")
         self._f.write(encode_record(record))
@@ -141,8 +153,6 @@ class RunStore:
 
 def remove_run(run_dir: str | Path) -> None:
     """Delete a run directory, refusing anything that does not look like one."""
-    import shutil
-
     d = Path(run_dir)
     if not d.exists():
         return
@@ -154,16 +164,14 @@ def remove_run(run_dir: str | Path) -> None:
 def export_actions(run_dir: str | Path, to: str | Path) -> int:
     """One JSON object per agent action (the names independent checks read)."""
     n = 0
-    tmp = Path(str(to) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for rec in iter_steps(run_dir):
-            for a in rec["actions"]:
-                row = {"event_id": rec["event_id"], "step": rec["step"], "agent_id": a["agent_id"],
-                       "time": a["time"], "phase": rec["phase"], "real_text": a["real_text"],
-                       "sim_text": a["sim_text"], "action_id": a["action_id"], "state": a["state"]}
-                if a.get("injected"):
+    with atomic_open(to) as out:
+        for rec in iter_records(run_dir):
+            for a in rec.actions:
+                row = {"event_id": rec.event_id, "step": rec.step, "agent_id": a.agent_id, "time": a.time,
+                       "phase": rec.phase, "real_text": a.real_text, "sim_text": a.sim_text,
+                       "action_id": a.action_id, "state": a.state}
+                if a.injected:
                     row["injected"] = True
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
-    os.replace(tmp, to)
     return n
