@@ -16,14 +16,16 @@ from typer.testing import CliRunner
 
 from mfllm.backends.base import BackendStats, Completion
 from mfllm.data.load import load_events
+from mfllm.data.new_event import load_new_event
 from mfllm.errors import ConfigError, DataError
 from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
 from mfllm.simulation.population import PopulationActions, arrival_rate, extend_population, synthetic_event
 from mfllm.simulation.steps import plan_steps
 from mfllm.store.run import export_actions
-from mfllm.whatif.forecast import forecast, load_new_event, score_forecast
-from mfllm.whatif.intervene import CATS, block_shares, count_vector, replica_events
+from mfllm.whatif.common import replica_events
+from mfllm.whatif.forecast import forecast, score_forecast
+from mfllm.whatif.shares import CATS, block_shares, count_vector
 
 RUMOR = "1552_zpfYz0Loc_2174847535"  # 206 real actions
 TEXTS = ["[转发]", "这是谣言吗？", "太可怕了", "辟谣：假的", "支持！", "真的假的", "心疼", "求证"]

@@ -21,150 +21,45 @@ shares; mfllm/assets/marginal_<labeler>_v<version>.json or --marginal), macro-av
 categorical dimensions. The real future at position i is the event's (W+i)-th real action: exactly the
 agent that was simulated there, unless --blind resampled every agent after the warm-up.
 
-A new event (no data file) is a small JSON file, see :func:`load_new_event`.
+A new event (no data file) is a small JSON file, see :func:`mfllm.data.new_event.load_new_event`.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mfllm.backends.base import Backend
-from mfllm.data.schema import Action, Event, Profile, SourcePost
-from mfllm.errors import ConfigError, DataError
+from mfllm.data.new_event import load_new_event  # noqa: F401 - re-exported: the forecast's input format
+from mfllm.data.schema import Event
+from mfllm.errors import ConfigError
+from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
+from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.labels.base import Labeler
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.simulation.engine import SimConfig
-from mfllm.store.run import atomic_write_json, atomic_write_text
-from mfllm.whatif.intervene import (
+from mfllm.whatif.common import check_config, close_labeler, open_output, replica_events, run_arm
+from mfllm.whatif.plots import plot_forecast
+from mfllm.whatif.shares import (
     BLOCKS,
     CATS,
-    PLOT_CATS,
-    Trajectories,
-    _nums,
-    band,
     bin_ranges,
     block_shares,
-    check_config,
     count_vector,
     label_records,
-    open_output,
     per_dim,
-    replica_events,
-    run_arm,
     trajectories,
 )
+from mfllm.whatif.stats import mean_band, num, nums
 
 SCORE_METRICS = ("kl", "js", "wasserstein")
 _METRIC_FN = {"kl": M.kl, "js": M.js, "wasserstein": M.wasserstein}
 SOURCES = ("forecast", "one_run", "persistence", "marginal")
-
-# ------------------------------------------------------------------------------------------------ new events
-
-NEW_EVENT_KEYS = ("event_id", "label", "source", "early")
-
-
-def _time(v: Any, path: str, field: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float | str):
-        raise DataError(path, f"expected unix seconds or an ISO 8601 date, got {type(v).__name__}", field)
-    if isinstance(v, str):
-        try:
-            d = _dt.datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise DataError(path, f"expected unix seconds or an ISO 8601 date, got {v[:40]!r}", field) from None
-        if d.tzinfo is None:
-            raise DataError(path, f"ISO date {v[:40]!r} has no UTC offset; add one (e.g. +08:00)", field)
-        return d.timestamp()
-    if not math.isfinite(v):
-        raise DataError(path, "time must be finite", field)
-    return float(v)
-
-
-def load_new_event(path: str | Path) -> Event:
-    """A new event from a small JSON file (no data set needed)::
-
-        {"event_id": "my-event",                      (optional; default: the file name)
-         "source": {"text": "...", "time": 1700000000, "author": {...profile...}},   (author optional)
-         "early": [{"text": "...", "time": "2023-11-14T22:20:00+08:00", "profile": {"followers": 120}}]}
-
-    Times are unix seconds or ISO 8601 with a UTC offset. ``early`` are the first reactions seen so far
-    (time-ordered on load; ``text`` "" = a plain repost; ``profile`` keys are those of the JSONL format's
-    profiles, all optional). They become the warm-up; the agents after them are resampled from them.
-    """
-    from mfllm.data.jsonl import profile_from_dict
-
-    p = str(path)
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(p, "file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(p, f"cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(p, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(d, dict):
-        raise DataError(p, "expected a JSON object with 'source' and 'early'")
-    for k in d:
-        if k not in NEW_EVENT_KEYS:
-            raise DataError(p, f"unknown key; allowed: {', '.join(NEW_EVENT_KEYS)}", k)
-    src = d.get("source")
-    if not isinstance(src, dict):
-        raise DataError(p, "expected an object with 'text' and 'time'", "source")
-    for k in src:
-        if k not in ("text", "time", "author"):
-            raise DataError(p, "unknown key; allowed: text, time, author", f"source.{k}")
-    if not isinstance(src.get("text"), str) or not src["text"].strip():
-        raise DataError(p, "expected the source post's text (a non-empty string)", "source.text")
-    if "time" not in src:
-        raise DataError(p, "missing (unix seconds or ISO 8601)", "source.time")
-    t0 = _time(src["time"], p, "source.time")
-    author = profile_from_dict({"uid": "source", **src["author"]}, p, "source.author") \
-        if isinstance(src.get("author"), dict) else Profile(uid="source")
-    early = d.get("early", [])
-    if not isinstance(early, list):
-        raise DataError(p, "expected a list of reactions", "early")
-    acts = []
-    for i, a in enumerate(early):
-        where = f"early[{i}]"
-        if not isinstance(a, dict):
-            raise DataError(p, "expected an object with text, time (and profile)", where)
-        for k in a:
-            if k not in ("text", "time", "profile", "agent_id", "depth"):
-                raise DataError(p, "unknown key; allowed: text, time, profile, agent_id, depth", f"{where}.{k}")
-        if not isinstance(a.get("text", ""), str):
-            raise DataError(p, "expected a string (\"\" = a plain repost)", f"{where}.text")
-        if "time" not in a:
-            raise DataError(p, "missing (unix seconds or ISO 8601)", f"{where}.time")
-        t = _time(a["time"], p, f"{where}.time")
-        if t < t0:
-            raise DataError(p, "earlier than the source post", f"{where}.time")
-        agent = str(a.get("agent_id") or f"early{i + 1}")
-        prof = profile_from_dict({"uid": agent, **(a.get("profile") or {})}, p, f"{where}.profile")
-        depth = a.get("depth", 1)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise DataError(p, "expected an integer >= 1", f"{where}.depth")
-        extra = dict(prof.extra)
-        extra.setdefault("reposts_source", depth == 1)
-        extra.setdefault("minutes_after_source", round((t - t0) / 60.0, 1))
-        prof.extra = extra
-        acts.append(Action(f"early{i + 1}", agent, t, a.get("text", ""), None, prof, depth))
-    acts.sort(key=lambda x: x.time)
-    eid = d.get("event_id") or Path(path).stem
-    if not isinstance(eid, str) or not eid:
-        raise DataError(p, "expected a non-empty string", "event_id")
-    label = d.get("label")
-    if label is not None and not isinstance(label, str):
-        raise DataError(p, "expected a string", "label")
-    return Event(eid, SourcePost(src["text"], t0, author), acts, label=label, origin=p)
-
 
 # ------------------------------------------------------------------------------------------------ scoring
 
@@ -196,7 +91,7 @@ def score_forecast(real: np.ndarray, shares: np.ndarray, warm: np.ndarray, margi
     """Per bin: {source: {metric: macro over dimensions}} (None where nothing to compare).
 
     real (B, K) counts; shares (R, B, K) per-run forecast shares; warm (K,) warm-up counts."""
-    mean = band(shares)[0] if shares.size else np.full(real.shape, np.nan)
+    mean = mean_band(shares)[0] if shares.size else np.full(real.shape, np.nan)
     marg = None
     if marginal is not None:
         dists = marginal.get("distributions") or {}
@@ -229,8 +124,6 @@ def score_forecast(real: np.ndarray, shares: np.ndarray, warm: np.ndarray, margi
 
 
 def load_marginal_for(lab: Labeler, marginal: str | Path | dict | None) -> tuple[dict | None, str]:
-    from mfllm.evaluation import distributions as D
-
     if isinstance(marginal, dict):
         return marginal, "given"
     if marginal is not None:
@@ -291,13 +184,12 @@ def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None
         labels = label_records([arm], lab, [a.text for a in event.actions[observe:]])
         marg, marg_src = load_marginal_for(lab, marginal)
     finally:
-        if lab is not labeler and hasattr(lab, "close"):
-            lab.close()
+        close_labeler(lab, labeler)
     traj = trajectories(arm, labels, event.source.time, k)
     counts, agents, hours = traj.bins(bin_steps)
     shares = block_shares(counts)  # (R, B, K)
     nb = counts.shape[1]
-    mean, lo, hi = band(shares)
+    mean, lo, hi = mean_band(shares)
     warm_share = block_shares(traj.warm)
     max_pos = max(len(e.actions) for e in events) - observe
     real, n_real = real_future_counts(event, observe, min(max_pos, n_real_future), bin_steps * k, nb, labels, until)
@@ -310,12 +202,12 @@ def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None
                    "labeler": {"name": str(getattr(lab, "name", "?")), "version": str(getattr(lab, "version", "?"))}},
         "agents_simulated_per_run": [int(x) for x in agents.sum(1)],
         "beyond_real_data": max(0, max_pos - n_real_future),
-        "bins": {"agents": bin_ranges(nb, bin_steps, k, max_pos), "hours_after_source": _nums(band(hours[..., None])[0]),
+        "bins": {"agents": bin_ranges(nb, bin_steps, k, max_pos), "hours_after_source": nums(mean_band(hours[..., None])[0]),
                  "real_agents": [int(x) for x in n_real]},
-        "observed": per_dim(warm_share, _num1),
-        "forecast": per_dim(np.stack([mean, lo, hi]), lambda v: {"mean": _nums(v[0]), "p5": _nums(v[1]),
-                                                                  "p95": _nums(v[2])}),
-        "real": per_dim(block_shares(real), _nums) if has_real else None,
+        "observed": per_dim(warm_share, num),
+        "forecast": per_dim(np.stack([mean, lo, hi]), lambda v: {"mean": nums(v[0]), "p5": nums(v[1]),
+                                                                  "p95": nums(v[2])}),
+        "real": per_dim(block_shares(real), nums) if has_real else None,
         "runs": [str(Path("runs") / d.name) for d in arm.dirs],
         "seconds": arm.seconds,
     }
@@ -336,11 +228,6 @@ def forecast(event: Event, out: str | Path, *, observe: int, horizon: int | None
     atomic_write_text(out / "forecast.csv", forecast_csv(result))
     atomic_write_text(out / "forecast.md", forecast_markdown(result))
     return result
-
-
-def _num1(v) -> float | None:
-    v = float(v)
-    return None if not math.isfinite(v) else round(v, 6)
 
 
 def _mean(vals) -> float | None:
@@ -403,116 +290,3 @@ def forecast_markdown(res: dict) -> str:
     if res.get("plot"):
         lines += [f"![forecast]({res['plot']})", ""]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    try:  # the evaluation plots' CJK font setup, when present
-        import mfllm.evaluation.plots  # noqa: F401
-    except Exception:  # pragma: no cover - plots are optional
-        pass
-    return plt
-
-
-def _grid(plt, title: str):
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.07, top=0.91, wspace=0.18, hspace=0.32)
-    fig.suptitle(title, fontsize=11)
-    return fig, axes.ravel()
-
-
-def plot_forecast(path: Path, res: dict) -> None:
-    plt = _plt()
-    x = [a1 for _, a1 in res["bins"]["agents"]]
-    cfg = res["config"]
-    fig, axes = _grid(plt, f"{res['event']['event_id']}: forecast after {cfg['observe']} observed actions "
-                           f"({cfg['runs']} runs, mean and 5-95% band; real future dashed, observed share at 0)")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
-        for j, c in enumerate(cats):
-            col = colors[j % len(colors)]
-            f = res["forecast"][d][c]
-            m = np.array([np.nan if v is None else v for v in f["mean"]])
-            lo = np.array([np.nan if v is None else v for v in f["p5"]])
-            hi = np.array([np.nan if v is None else v for v in f["p95"]])
-            ax.plot(x, m, "-o", ms=3, color=col, label=c)
-            ax.fill_between(x, lo, hi, color=col, alpha=0.18, lw=0)
-            obs = res["observed"][d][c]
-            if obs is not None:
-                ax.plot([0], [obs], "s", color=col, ms=5)
-            if res["real"]:
-                rv = np.array([np.nan if v is None else v for v in res["real"][d][c]])
-                ax.plot(x, rv, "--x", ms=4, color=col, alpha=0.9)
-        ax.set_title(d, fontsize=10)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("agents after the warm-up", fontsize=8)
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_trajectories(path: Path, arms: dict[str, Trajectories], bin_steps: int, title: str,
-                      marker_step: int | None = None, total: int | None = None) -> None:
-    plt = _plt()
-    fig, axes = _grid(plt, title)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":"]
-    first = next(iter(arms.values()))
-    k = first.step_size
-    for ai, (name, tr) in enumerate(arms.items()):
-        counts, _, _ = tr.bins(bin_steps)
-        mean, lo, hi = band(block_shares(counts))
-        x = [a1 for _, a1 in bin_ranges(counts.shape[1], bin_steps, k, total)]
-        for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
-            for j, c in enumerate(cats):
-                i = BLOCKS[d].start + DIMENSIONS[d].index(c)
-                col = colors[j % len(colors)]
-                ax.plot(x, mean[:, i], styles[ai % 3], marker="o" if ai == 0 else "^", ms=3, color=col,
-                        label=f"{c} ({name})")
-                ax.fill_between(x, lo[:, i], hi[:, i], color=col, alpha=0.12 if ai == 0 else 0.08, lw=0)
-    for ax, d in zip(axes, PLOT_CATS, strict=True):
-        if marker_step is not None:
-            xs = (marker_step - first.first_step) * k
-            ax.axvline(xs, color="k", lw=0.8, ls=":")
-        ax.set_title(d, fontsize=10)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("agents after the warm-up (dotted: intervention)", fontsize=8)
-        ax.legend(fontsize=6, loc="best")
-        ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_effects(path: Path, res: dict, title: str) -> None:
-    plt = _plt()
-    fig, axes = _grid(plt, title)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    x = np.array([a1 for _, a1 in res["bins"]["agents"]], dtype=float)
-    k = res["config"]["step_size"]
-    xs = (res["intervention"]["start_step"] - res["intervention"]["first_rollout_step"]) * k
-    for ax, (d, cats) in zip(axes, PLOT_CATS.items(), strict=True):
-        for j, c in enumerate(cats):
-            s = res["effect_by_bin"][d][c]
-            m = 100 * np.array([np.nan if v is None else v for v in s["mean"]])
-            lo = 100 * np.array([np.nan if v is None else v for v in s["lo"]])
-            hi = 100 * np.array([np.nan if v is None else v for v in s["hi"]])
-            col = colors[j % len(colors)]
-            ax.plot(x, m, "-o", ms=3, color=col, label=c)
-            ax.fill_between(x, lo, hi, color=col, alpha=0.18, lw=0)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axvline(xs, color="k", lw=0.8, ls=":")
-        ax.set_title(d, fontsize=10)
-        ax.set_ylabel("points", fontsize=8)
-        ax.set_xlabel("agents after the warm-up (dotted: intervention)", fontsize=8)
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
