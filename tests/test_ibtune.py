@@ -65,9 +65,8 @@ def one_token(tiny_model_dir, events, tmp_path_factory):  # noqa: F811
 
 
 def _exact_objective(roles, cfg, unit, reward, beta):
-    tok = roles.tokenizer
-    p = ib.encode_prompts(tok, [ib.meanfield_prompt(unit.event_text, unit.previous, unit.pairs, cfg.lang)])[0]
-    p0 = ib.encode_prompts(tok, [ib.prior_prompt(unit.event_text, cfg.lang)])[0]
+    p = roles.encode_prompts([ib.meanfield_prompt(unit.event_text, unit.previous, unit.pairs, cfg.lang)])[0]
+    p0 = roles.encode_prompts([ib.prior_prompt(unit.event_text, cfg.lang)])[0]
     with torch.no_grad(), roles.active(None) as ref:
         lp0 = torch.log_softmax(ref(input_ids=torch.tensor([p0])).logits[0, -1].float(), -1)
     with roles.active("meanfield") as m:

@@ -87,12 +87,17 @@ from pathlib import Path
 
 import torch
 
+from mfllm.backends.base import SamplingParams
+from mfllm.backends.hf.attention import use_prefix_attention
+from mfllm.backends.hf.decoding import DecodeOptions, decode
+from mfllm.backends.hf.loading import LM, load_adapters, load_lm, load_weights
+from mfllm.backends.hf.sampling import longest_common_prefix
 from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.prompts.templates import action_to_target, meanfield_prompt, policy_prefix, policy_suffix, strings
-from mfllm.simulation.engine import derive_seed
+from mfllm.seeds import derive_seed
 from mfllm.simulation.history import History
 from mfllm.simulation.meanfield import MeanFieldUpdate, StatsMeanField
 from mfllm.simulation.methods import make_method
@@ -185,57 +190,45 @@ class Roles:
 
     def __init__(self, base: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from mfllm.backends.hf import _resolve_device, _resolve_dtype, _transformers_major
-
-        path = Path(base)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"not a model directory (no config.json): {path}", field="base")
-        self.base_path = str(path)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        dtype_kw = "dtype" if _transformers_major() >= 5 else "torch_dtype"
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **{dtype_kw: self.dtype})
-        model.to(self.device).eval()
+        self.lm, _ = load_lm(base, device, dtype, threads, field="base")  # the HF backend's loader
+        model = self.lm.model
         for p in model.parameters():
             p.requires_grad_(False)
+        self.base_path = str(base)
+        self.device = self.lm.device
+        self.dtype = self.lm.dtype
+        self.tokenizer = self.lm.tokenizer
         self.base = model
-        self._set_threads(threads)
+        # sampling runs the K samples' shared prompt once and attends to it directly (as the HF backend does)
+        self.prefix_attention = use_prefix_attention(model)
         self.peft = None
         self.full: dict[str, torch.nn.Module] = {}
+        self._handles: dict[int, LM] = {}
         self.trainable_role: str | None = None
         self.trainable: list[tuple[str, torch.nn.Parameter]] = []
+        self.pad_id = self.lm.pad_token_id
+        self.eos_ids = sorted(self.lm.eos_token_ids)
         tok = self.tokenizer
-        self.pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None), 0)
-        eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            eos.add(gen_eos)
-        elif isinstance(gen_eos, (list, tuple)):
-            eos.update(int(e) for e in gen_eos)
-        self.eos_ids = sorted(eos)
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else (self.eos_ids or [0])[0]
         vocab = model.get_output_embeddings().weight.shape[0]
         texts = tok.batch_decode([[i] for i in range(min(vocab, len(tok)))])
         nl = torch.zeros(vocab, dtype=torch.bool)
         nl[: len(texts)] = torch.tensor(["\n" in t for t in texts])
         self.newline_mask = nl.to(self.device)  # tokens that end m at inference (stop="\n")
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 0)  # 0: unknown
+        self.max_context = self.lm.max_context  # 0: unknown
 
-    def _set_threads(self, threads: int | None) -> None:
-        """As the HF backend: the given number, else OMP_NUM_THREADS, else one thread per ~20M parameters.
-        Small matmuls gain nothing from threads, and on a busy CPU spinning OpenMP threads slow them a lot."""
-        if self.device != "cpu":
-            return
-        if threads is None:
-            if os.environ.get("OMP_NUM_THREADS"):
-                return
-            avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            threads = max(1, min(avail, sum(p.numel() for p in self.base.parameters()) // 20_000_000))
-        torch.set_num_threads(int(threads))
+    def lm_of(self, model) -> LM:
+        """The decoding handle of a role's model: the base module for LoRA roles (their layers sit in it),
+        else the full copy itself."""
+        if not any(model is m for m in self.full.values()):
+            return self.lm
+        if id(model) not in self._handles:
+            self._handles[id(model)] = self.lm.with_model(model)
+        return self._handles[id(model)]
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Prompt ids as the HF backend encodes them (special tokens as the tokenizer adds them)."""
+        return self.lm.encode_prompts(list(texts))
 
     def add_trainable(self, role: str, *, full: bool = False, rank: int = 16, alpha: int = 32,
                       dropout: float = 0.0, target_modules: str | list[str] = "all-linear", seed: int = 0) -> None:
@@ -275,22 +268,10 @@ class Roles:
         """A role from a saved adapter dir (peft) or a full model dir, frozen."""
         p = Path(path)
         if (p / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            if not (p / "adapter_model.safetensors").is_file():  # peft would unpickle an adapter_model.bin
-                raise ConfigError(f"{role}: no adapter_model.safetensors in {p} (safetensors weights are "
-                                  "required; pickle files are never loaded)", field=f"{role}_adapter")
-
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, str(p), adapter_name=role, is_trainable=False)
-            else:
-                self.peft.load_adapter(str(p), adapter_name=role, is_trainable=False)
-            self.peft.to(self.device)
+            self.peft = load_adapters(self.base, {role: p}, self.device, peft_model=self.peft,
+                                      field=f"{role}_adapter")
         elif (p / "config.json").is_file():
-            from transformers import AutoModelForCausalLM
-
-            m = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=True, dtype=self.dtype)
-            m.to(self.device).eval()
+            m = load_weights(p, self.dtype, self.device, field=f"{role}_adapter")
             for q in m.parameters():
                 q.requires_grad_(False)
             self.full[role] = m
@@ -386,38 +367,6 @@ class _TrainableView:
 # ----------------------------------------------------------------------------- tokens: sample and score
 
 
-def _forward_params(model):
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(inner.forward).parameters
-
-
-def _keep_kw(model) -> str | None:
-    params = _forward_params(model)
-    return next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-
-
-def _new_cache(model):
-    """A DynamicCache, updated in place by each forward (passed as `cache` or `past_key_values`)."""
-    from transformers import DynamicCache
-
-    kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return kw, DynamicCache(config=inner.config)
-    except TypeError:  # older transformers
-        return kw, DynamicCache()
-
-
-def encode_prompts(tok, texts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids as the HF backend encodes them (special tokens as the tokenizer adds them)."""
-    if not texts:
-        return []
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return [list(x) or [bos or 0] for x in tok(list(texts), add_special_tokens=True)["input_ids"]]
-
-
 def encode_targets(tok, texts: Sequence[str], eos_id: int) -> list[list[int]]:
     """The policy's targets: the text (no special tokens) + eos, as mini trained and inference stops."""
     if not texts:
@@ -435,73 +384,20 @@ class Sample:
 @torch.no_grad()
 def generate(roles: Roles, model, prompts: list[list[int]], seeds: list[int], *, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 160, batch_size: int = 32) -> list[Sample]:
-    """Sample continuations that stop at eos or a newline, with the HF backend's per-request seeded sampler
-    (a request's tokens depend on its seed only, not on the batch). Identical prompts (the K samples of a
-    history) are prefilled once. A row never runs past the model's context (prompt + new tokens <=
+    """Sample continuations that stop at eos or a newline with the HF backend's decoding loop (a request's
+    tokens depend on its seed only, not on the batch; identical prompts, the K samples of a history, share
+    their prefill). A row never runs past the model's context (prompt + new tokens <=
     max_position_embeddings, as the HF backend requires): its budget is cut to what fits."""
-    from mfllm.backends.hf import request_key, sample_next, uniforms
-
-    dev = roles.device
-    keep = _keep_kw(model)
-    eos = torch.tensor(roles.eos_ids or [-1], device=dev)
-    out: list[Sample | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for c0 in range(0, len(order), batch_size):
-        idx = order[c0: c0 + batch_size]
-        b, n = len(idx), max(len(prompts[i]) for i in idx)
-        uniq: dict[tuple, int] = {}
-        which = [uniq.setdefault(tuple(prompts[i]), len(uniq)) for i in idx]
-        inp = torch.full((len(uniq), n), roles.pad_id, dtype=torch.long)
-        att = torch.zeros((len(uniq), n), dtype=torch.long)
-        for r, p in enumerate(uniq):
-            inp[r, n - len(p):] = torch.tensor(p)
-            att[r, n - len(p):] = 1
-        inp, att = inp.to(dev), att.to(dev)
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        cache_kw, cache = _new_cache(model)
-        kw = {keep: 1} if keep else {}
-        res = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True, **{cache_kw: cache}, **kw)
-        sel = torch.tensor(which, device=dev)
-        if len(uniq) < b:  # one row per request from here on
-            cache.batch_select_indices(sel)
-        logits, att, cur = res.logits[:, -1].float()[sel], att[sel], pos[sel, -1]
-        keys = [request_key(seeds[i]) for i in idx]
-        k0 = torch.tensor([k[0] for k in keys], dtype=torch.long, device=dev)
-        k1 = torch.tensor([k[1] for k in keys], dtype=torch.long, device=dev)
-        budget = [max_new_tokens if not roles.max_context else
-                  max(1, min(max_new_tokens, roles.max_context - len(prompts[i]))) for i in idx]
-        limit = torch.tensor(budget, dtype=torch.long, device=dev)
-        temp = torch.full((b,), float(temperature), device=dev)
-        tp = torch.full((b,), float(top_p), device=dev)
-        tk = torch.zeros(b, dtype=torch.long, device=dev)
-        toks = torch.full((b, max_new_tokens), roles.pad_id, dtype=torch.long, device=dev)
-        lens = torch.zeros(b, dtype=torch.long, device=dev)
-        lp = torch.zeros(b, dtype=torch.float64, device=dev)
-        rows = torch.arange(b, device=dev)  # the original row of each live row
-        for j in range(max_new_tokens):
-            nxt = sample_next(logits, temp, tp, tk, uniforms(k0, k1, torch.full_like(k0, j)))
-            toks[rows, j] = nxt
-            lens[rows] += 1
-            lp[rows] += torch.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1).double()
-            done = torch.isin(nxt, eos) | roles.newline_mask[nxt] | (limit <= j + 1)
-            if bool(done.all()) or j + 1 == max_new_tokens:
-                break
-            if bool(done.any()):  # drop finished rows (a row's draws depend on its own key only)
-                keep_rows = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep_rows)
-                rows, nxt, att, cur = rows[keep_rows], nxt[keep_rows], att[keep_rows], cur[keep_rows]
-                k0, k1, temp, tp, tk, limit = (t[keep_rows] for t in (k0, k1, temp, tp, tk, limit))
-            att = torch.cat([att, torch.ones((att.shape[0], 1), dtype=att.dtype, device=dev)], 1)
-            cur = cur + 1
-            res = model(input_ids=nxt[:, None], attention_mask=att, position_ids=cur[:, None],
-                        use_cache=True, **{cache_kw: cache})
-            logits = res.logits[:, -1].float()
-        toks_l, lens_l, lp_l = toks.tolist(), lens.tolist(), lp.tolist()
-        for r, i in enumerate(idx):
-            ids = toks_l[r][: lens_l[r]]
-            text = roles.tokenizer.decode(ids, skip_special_tokens=True).split("\n", 1)[0]
-            out[i] = Sample(ids, " ".join(text.split()), float(lp_l[r]))
-    return out  # type: ignore[return-value]
+    budgets = [max_new_tokens if not roles.max_context else
+               max(1, min(max_new_tokens, roles.max_context - len(p))) for p in prompts]
+    params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=n) for n in budgets]
+    opts = DecodeOptions(batch_size=batch_size, prefix_attention=roles.prefix_attention)
+    outs = decode(roles.lm_of(model), prompts, params, seeds, opts, stop_tokens=roles.newline_mask, logprobs=True)
+    samples = []
+    for d in outs:
+        text = roles.tokenizer.decode(d.tokens, skip_special_tokens=True).split("\n", 1)[0]
+        samples.append(Sample(d.tokens, " ".join(text.split()), d.logprob))
+    return samples
 
 
 def seq_logprobs(roles: Roles, model, rows: list[tuple[list[int], list[int]]], *, micro: int = 16,
@@ -530,7 +426,8 @@ def seq_logprobs(roles: Roles, model, rows: list[tuple[list[int], list[int]]], *
             sums[plain] = sub
         return sums, counts
     dev = roles.device
-    keep = _keep_kw(model)
+    lm = roles.lm_of(model)
+    keep = lm.keep_kw
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     for c0 in range(0, len(order), micro):
         idx = order[c0: c0 + micro]
@@ -567,19 +464,18 @@ def _score_shared(roles: Roles, model, rows, idx: list[int], micro: int, sums: t
                   weights: torch.Tensor | None = None, min_prefix: int = 16) -> bool:
     """Score rows `idx` with their common prompt prefix run once (and backpropagate sum w * logp when
     `weights`); False (nothing done) when the prefix is too short or the cache has no per-layer tensors."""
-    from mfllm.backends.hf import longest_common_prefix
-
     prompts = [rows[i][0] for i in idx]
     p = min(len(x) for x in prompts) - 1  # each row keeps >= 1 prompt token: its first target's logits
     for x in prompts[1:]:
         p = min(p, longest_common_prefix(prompts[0], x))
-    cache_kw, cache = _new_cache(model)
+    lm = roles.lm_of(model)
+    cache_kw, cache = lm.cache_kw, lm.new_cache()
     if p < min_prefix or not hasattr(cache, "layers"):
         return False
     dev = roles.device
     grad = weights is not None
     pre = torch.tensor([prompts[0][:p]], device=dev)
-    keep = _keep_kw(model)
+    keep = lm.keep_kw
     with torch.set_grad_enabled(grad):
         model(input_ids=pre, attention_mask=torch.ones_like(pre), position_ids=torch.arange(p, device=dev)[None],
               use_cache=True, **{cache_kw: cache}, **({keep: 1} if keep else {}))
@@ -600,7 +496,7 @@ def _score_shared(roles: Roles, model, rows, idx: list[int], micro: int, sums: t
         inp, att, mask = inp.to(dev), att.to(dev), mask.to(dev)
         pos = (p + torch.arange(w, device=dev))[None].expand(b, w)
         with torch.set_grad_enabled(grad):
-            _, c = _new_cache(model)  # the prefix's keys / values broadcast to the chunk (in the graph)
+            c = lm.new_cache()  # the prefix's keys / values broadcast to the chunk (in the graph)
             for li, (k, v) in enumerate(prefix_kv):
                 c.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), li)
             logits = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True,
@@ -658,7 +554,7 @@ def meanfield_chain(evs: list[EventSteps], upto: list[int], *, how: str, lang: s
         todo = [e for e, ev in enumerate(evs) if t < min(upto[e], len(ev.steps))]
         if not todo:
             break
-        prompts = encode_prompts(roles.tokenizer, [meanfield_prompt(evs[e].event_text, chains[e][t],
+        prompts = roles.encode_prompts([meanfield_prompt(evs[e].event_text, chains[e][t],
                                                                     evs[e].steps[t], lang) for e in todo])
         with roles.active(role) as model:
             outs = generate(roles, model, prompts, [derive_seed(seed, evs[e].event_id, t, "chain") for e in todo],
@@ -708,7 +604,7 @@ def build_units(events: list[Event], cfg: TuneConfig, n_units: int, rng: random.
             targets = rng.sample(nxt, min(cfg.targets_per_unit, len(nxt)))
             units.append(Unit(ev.event_id, ev.event_text, t, chain[t], ev.steps[t], targets, st[t + 1]))
     if roles.max_context:
-        lens = [len(x) for x in encode_prompts(roles.tokenizer, [
+        lens = [len(x) for x in roles.encode_prompts([
             meanfield_prompt(u.event_text, u.previous, u.pairs, cfg.lang) for u in units])]
         fits = [u for u, n in zip(units, lens, strict=True) if n + cfg.mf_max_new_tokens <= roles.max_context]
         if info is not None:
@@ -788,7 +684,7 @@ def score_reward(roles: Roles, units: list[Unit], ms: list[list[str]], cfg: Tune
     for i, u in enumerate(units):
         tgt = encode_targets(tok, [action_to_target(a, cfg.lang) for _, a in u.targets], roles.eos_id)
         for k, m in enumerate(ms[i]):
-            prompts = encode_prompts(tok, [mf_policy_prompt(u.event_text, m, s, cfg.lang) for s, _ in u.targets])
+            prompts = roles.encode_prompts([mf_policy_prompt(u.event_text, m, s, cfg.lang) for s, _ in u.targets])
             rows += list(zip(prompts, tgt, strict=True))
             owner += [(i, k)] * len(tgt)
     with roles.active(policy_role) as pol:  # the rows of one (history, m) share the prompt up to the state
@@ -809,8 +705,8 @@ def stage1_step(roles: Roles, units: list[Unit], cfg: TuneConfig, seed: int, *, 
     Returns the batch's tensors (R, log q, log p0, lengths, A, advantages, weights) and scalar metrics.
     """
     k = k or cfg.samples_k
-    tok, lang = roles.tokenizer, cfg.lang
-    prompts = encode_prompts(tok, [meanfield_prompt(u.event_text, u.previous, u.pairs, lang) for u in units])
+    lang = cfg.lang
+    prompts = roles.encode_prompts([meanfield_prompt(u.event_text, u.previous, u.pairs, lang) for u in units])
     flat = [(i, j) for i in range(len(units)) for j in range(k)]
     with roles.active(roles.trainable_role) as model:
         samples = generate(roles, model, [prompts[i] for i, _ in flat],
@@ -819,7 +715,7 @@ def stage1_step(roles: Roles, units: list[Unit], cfg: TuneConfig, seed: int, *, 
     b = len(units)
     logq = torch.tensor([s.logprob for s in samples], dtype=torch.float64).view(b, k)
     length = torch.tensor([len(s.ids) for s in samples], dtype=torch.float64).view(b, k)
-    pri = encode_prompts(tok, [prior_prompt(u.event_text, lang) for u in units])
+    pri = roles.encode_prompts([prior_prompt(u.event_text, lang) for u in units])
     with roles.active(None) as ref:
         logp0, _ = seq_logprobs(roles, ref, [(pri[i], s.ids) for (i, _), s in zip(flat, samples, strict=True)],
                                 micro=cfg.micro_batch, groups=[i for i, _ in flat])
@@ -1178,7 +1074,7 @@ def write_meanfield_curves(out: Path, history: list[dict], before: dict | None =
 
 
 def _encode_examples(roles: Roles, exs: list[PolicyExample]) -> list[tuple[list[int], list[int]]]:
-    p = encode_prompts(roles.tokenizer, [e.prompt for e in exs])
+    p = roles.encode_prompts([e.prompt for e in exs])
     t = encode_targets(roles.tokenizer, [e.target for e in exs], roles.eos_id)
     return list(zip(p, t, strict=True))
 
