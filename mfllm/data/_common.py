@@ -2,6 +2,9 @@
 
 Every problem with user data becomes a `DataError(path, message, field)`; nothing here lets a raw
 `KeyError` / `JSONDecodeError` / `UnicodeDecodeError` escape.
+
+A fault inside one action's row (a repost/comment) loses that action, never the event: the loaders
+collect such faults with `Drops` and keep the event (see `mfllm.data.schema.DroppedActions`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mfllm.data.schema import Event
+from mfllm.data.schema import DroppedActions, Event
 from mfllm.errors import DataError
 
 # Plausible range for any timestamp (unix seconds): 1990-01-01 .. 2100-01-01 (UTC).
@@ -23,6 +26,57 @@ MIN_TIME = 631152000.0
 MAX_TIME = 4102444800.0
 # An action may precede its source post by at most this much (clock skew between servers).
 MAX_SKEW_SECONDS = 86400.0
+
+# The kinds of fault that drop one action (counted per kind in `data stats` and a run's metadata).
+FAULT_KINDS: dict[str, str] = {
+    "time_before_source": "dated more than a day before the source post (a clock or time-zone error)",
+    "time_out_of_range": "a timestamp outside 1990..2100",
+    "bad_time": "a date or time that cannot be read",
+    "missing_field": "a required field is missing",
+    "bad_field": "a field of the wrong type or value (or a row that is not an object)",
+    "unknown_key": "a key the JSONL format does not have",
+    "duplicate_id": "an action id already used in the event (JSONL; the first row is kept)",
+}
+
+
+class Fault(DataError):
+    """A DataError that also says which kind of fault it is (one of FAULT_KINDS)."""
+
+    def __init__(self, path: str, message: str, field: str | None = None, *, kind: str = "bad_field"):
+        super().__init__(path, message, field)
+        self.kind = kind
+
+
+def fault_kind(e: DataError) -> str:
+    return getattr(e, "kind", "bad_field")
+
+
+class Drops:
+    """The faulty action rows of one event, collected while a loader reads it."""
+
+    __slots__ = ("origin", "counts", "first")
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        self.counts: Counter = Counter()
+        self.first: DataError | None = None
+
+    def add(self, e: DataError) -> None:
+        self.counts[fault_kind(e)] += 1
+        if self.first is None:
+            self.first = e
+
+    def result(self, kept: int) -> DroppedActions | None:
+        """What to attach to the event; raises when no action is left (the event cannot be used)."""
+        if self.first is None:
+            return None
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        if kept == 0:
+            f = self.first
+            n = sum(self.counts.values())
+            raise Fault(f.path, f"{f.message}; no action left: all {n} dropped ({kinds})", f.field,
+                        kind=fault_kind(f))
+        return DroppedActions(self.origin, dict(sorted(self.counts.items())), str(self.first))
 
 
 @dataclass(slots=True)
@@ -53,7 +107,9 @@ def decode_utf8(data: bytes, path: str) -> str:
         ) from None
 
 
-def parse_json_text(text: str, path: str) -> Any:
+def parse_json_text(text: str, path: str, *, check_text: bool = True) -> Any:
+    """Parse JSON text. `check_text=False` leaves the lone-surrogate check to the caller (a loader checks
+    each action on its own, so a bad action is dropped, not the file; see `may_hold_lone_surrogate`)."""
     if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as some editors write it
         text = text[1:]
     if not text.strip():
@@ -65,8 +121,8 @@ def parse_json_text(text: str, path: str) -> Any:
         raise DataError(path, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}{hint}") from None
     except RecursionError:
         raise DataError(path, "not valid JSON: nested too deeply") from None
-    if _SURROGATE_ESCAPE.search(text):  # rare: only then walk the values
-        _check_surrogates(obj, path, "")
+    if check_text and may_hold_lone_surrogate(text):  # rare: only then walk the values
+        check_text_values(obj, path, "")
     return obj
 
 
@@ -75,7 +131,12 @@ def parse_json_text(text: str, path: str) -> Any:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def _check_surrogates(obj: Any, path: str, where: str) -> None:
+def may_hold_lone_surrogate(text: str) -> bool:
+    return _SURROGATE_ESCAPE.search(text) is not None
+
+
+def check_text_values(obj: Any, path: str, where: str) -> None:
+    """Every string in `obj` (keys too) can be written as UTF-8; `where` prefixes the field named."""
     stack = [(obj, where)]
     while stack:
         v, w = stack.pop()
@@ -95,9 +156,9 @@ def _check_surrogates(obj: Any, path: str, where: str) -> None:
             stack.extend((x, f"{w}[{i}]") for i, x in enumerate(v))
 
 
-def read_json(path: Path | str) -> Any:
+def read_json(path: Path | str, *, check_text: bool = True) -> Any:
     p = str(path)
-    return parse_json_text(decode_utf8(read_bytes(path), p), p)
+    return parse_json_text(decode_utf8(read_bytes(path), p), p, check_text=check_text)
 
 
 def type_name(v: Any) -> str:
@@ -126,7 +187,7 @@ def short(v: Any, n: int = 40) -> str:
 def get_str(d: dict, key: str, path: str, field: str, *, required: bool = True, null_as: str | None = None):
     if key not in d:
         if required:
-            raise DataError(path, "missing", field)
+            raise Fault(path, "missing", field, kind="missing_field")
         return None
     v = d[key]
     if v is None and null_as is not None:
@@ -142,7 +203,7 @@ def get_id(d: dict, key: str, path: str, field: str, *, required: bool = True) -
     """An identifier: a string, or an integer (Rumdect writes uids as numbers); returned as str."""
     if key not in d or d[key] is None:
         if required:
-            raise DataError(path, "missing", field)
+            raise Fault(path, "missing", field, kind="missing_field")
         return None
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, str | int):
@@ -183,15 +244,17 @@ def get_bool(d: dict, key: str, path: str, field: str) -> bool | None:
 def check_time(t: Any, path: str, field: str, *, after: float | None = None) -> float:
     """A unix timestamp (seconds) that is a finite number in 1990..2100, and not (much) before `after`."""
     if isinstance(t, bool) or not isinstance(t, int | float):
-        raise DataError(path, f"expected unix seconds (a number), got {type_name(t)} {short(t)}", field)
+        raise Fault(path, f"expected unix seconds (a number), got {type_name(t)} {short(t)}", field, kind="bad_time")
     t = float(t)
     if not math.isfinite(t) or t < MIN_TIME or t > MAX_TIME:
-        raise DataError(path, f"impossible timestamp {short(t)}: not between 1990 and 2100", field)
+        raise Fault(path, f"impossible timestamp {short(t)}: not between 1990 and 2100", field,
+                    kind="time_out_of_range")
     if after is not None and t < after - MAX_SKEW_SECONDS:
-        raise DataError(
+        raise Fault(
             path,
             f"impossible timestamp {t:.0f}: {(after - t) / 3600:.1f} hours before the source post",
             field,
+            kind="time_before_source",
         )
     return t
 

@@ -9,6 +9,8 @@ One event per line::
 
 Profile keys are the field names of `mfllm.data.schema.Profile`. Times are unix seconds (an ISO 8601
 string with a UTC offset is accepted on input). Reading is the exact inverse of `write_jsonl`.
+An action with a fault of its own (a bad or impossible time, a missing or mistyped field, an unknown key,
+a duplicate action id) is dropped and counted on `Event.dropped`; the event is kept.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mfllm.data._common import (
+    Drops,
     Entry,
+    Fault,
+    check_text_values,
     check_time,
     compute_depths,
     decode_utf8,
     get_id,
     get_str,
     list_files,
+    may_hold_lone_surrogate,
     parse_json_text,
     raiser,
     short,
@@ -38,6 +42,7 @@ from mfllm.data._common import (
 )
 from mfllm.data.schema import Action, Event, Profile, SourcePost
 from mfllm.errors import DataError
+from mfllm.files import atomic_open
 
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(Profile))
 _STR = {"uid", "screen_name", "gender", "location", "description", "verified_reason"}
@@ -71,33 +76,14 @@ def dumps_event(ev: Event) -> str:
 def write_jsonl(events: Iterable[Event], path: Path | str) -> int:
     """Write events to `path` atomically (a temp file renamed into place). Returns the number written."""
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for ev in events:
-                fh.write(dumps_event(ev))
-                fh.write("\n")
-                n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as fh:
+        for ev in events:
+            fh.write(dumps_event(ev))
+            fh.write("\n")
+            n += 1
     return n
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------- reading
@@ -108,11 +94,12 @@ def _time(v: Any, path: str, field: str, after: float | None = None) -> float:
         try:
             d = _dt.datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
         except ValueError:
-            raise DataError(
-                path, f"expected unix seconds or an ISO 8601 date, got {short(v)}", field
+            raise Fault(
+                path, f"expected unix seconds or an ISO 8601 date, got {short(v)}", field, kind="bad_time"
             ) from None
         if d.tzinfo is None:
-            raise DataError(path, f"ISO date {short(v)} has no UTC offset; add one (e.g. +08:00)", field)
+            raise Fault(path, f"ISO date {short(v)} has no UTC offset; add one (e.g. +08:00)", field,
+                        kind="bad_time")
         v = d.timestamp()
     return check_time(v, path, field, after=after)
 
@@ -121,7 +108,7 @@ def _check_keys(d: dict, allowed: tuple[str, ...], path: str, where: str) -> Non
     for k in d:
         if k not in allowed:
             field = f"{where}.{k}" if where else k
-            raise DataError(path, f"unknown key; allowed: {', '.join(allowed)}", field)
+            raise Fault(path, f"unknown key; allowed: {', '.join(allowed)}", field, kind="unknown_key")
 
 
 def profile_from_dict(d: Any, path: str, where: str, default_uid: str | None = None) -> Profile:
@@ -164,10 +151,43 @@ def profile_from_dict(d: Any, path: str, where: str, default_uid: str | None = N
     return Profile(**kw)
 
 
-def event_from_dict(d: Any, path: str) -> Event:
-    """Validate one parsed JSONL line and build the Event. `path` names it in errors (file:line)."""
+def _action(a: Any, i: int, path: str, st: float, seen: set[str], check_text: bool) -> tuple[Action, int | None]:
+    """actions[i] -> (the Action, its given depth or None); a DataError names what is wrong with it."""
+    w = f"actions[{i}]"
+    if not isinstance(a, dict):
+        raise Fault(path, f"expected an object, got {type_name(a)}", w)
+    if check_text:
+        check_text_values(a, path, w)
+    _check_keys(a, ACTION_KEYS, path, w)
+    aid = get_id(a, "action_id", path, f"{w}.action_id", required=False) or str(i)
+    if aid in seen:
+        raise Fault(path, f"duplicate action id {short(aid)}", f"{w}.action_id", kind="duplicate_id")
+    agent = get_id(a, "agent_id", path, f"{w}.agent_id")
+    if "time" not in a:
+        raise Fault(path, "missing", f"{w}.time", kind="missing_field")
+    t = _time(a["time"], path, f"{w}.time", after=st)
+    if "text" not in a:
+        raise Fault(path, "missing", f"{w}.text", kind="missing_field")
+    text = get_str(a, "text", path, f"{w}.text", null_as="")
+    parent = get_id(a, "parent", path, f"{w}.parent", required=False) or None
+    depth = a.get("depth")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise Fault(path, f"expected an integer >= 1, got {short(depth)}", f"{w}.depth")
+    prof = profile_from_dict(a.get("profile") or {}, path, f"{w}.profile", default_uid=agent)
+    return Action(aid, agent, t, text, parent, prof, 1), depth
+
+
+def event_from_dict(d: Any, path: str, *, check_text: bool = True) -> Event:
+    """Validate one parsed JSONL line and build the Event. `path` names it in errors (file:line).
+
+    `check_text`: check every string can be written as UTF-8 (an action with a lone surrogate is dropped);
+    the caller may pass False when the raw line cannot hold one (see `may_hold_lone_surrogate`)."""
     if not isinstance(d, dict):
         raise DataError(path, f"expected a JSON object (one event per line), got {type_name(d)}")
+    if check_text:
+        for k, v in d.items():
+            if k != "actions":
+                check_text_values({k: v}, path, "")
     _check_keys(d, EVENT_KEYS, path, "")
     event_id = get_id(d, "event_id", path, "event_id")
     label = get_str(d, "label", path, "label", required=False)
@@ -200,30 +220,18 @@ def event_from_dict(d: Any, path: str) -> Event:
     actions: list[Action] = []
     given_depth: dict[str, int] = {}
     seen: set[str] = set()
+    drops = Drops(path)
     for i, a in enumerate(acts):
-        w = f"actions[{i}]"
-        if not isinstance(a, dict):
-            raise DataError(path, f"expected an object, got {type_name(a)}", w)
-        _check_keys(a, ACTION_KEYS, path, w)
-        aid = get_id(a, "action_id", path, f"{w}.action_id", required=False) or str(i)
-        if aid in seen:
-            raise DataError(path, f"duplicate action id {short(aid)}", f"{w}.action_id")
-        seen.add(aid)
-        agent = get_id(a, "agent_id", path, f"{w}.agent_id")
-        if "time" not in a:
-            raise DataError(path, "missing", f"{w}.time")
-        t = _time(a["time"], path, f"{w}.time", after=st)
-        if "text" not in a:
-            raise DataError(path, "missing", f"{w}.text")
-        text = get_str(a, "text", path, f"{w}.text", null_as="")
-        parent = get_id(a, "parent", path, f"{w}.parent", required=False) or None
-        depth = a.get("depth")
+        try:
+            act, depth = _action(a, i, path, st, seen, check_text)
+        except DataError as e:  # this action only: the event keeps the others
+            drops.add(e)
+            continue
+        seen.add(act.action_id)
         if depth is not None:
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise DataError(path, f"expected an integer >= 1, got {short(depth)}", f"{w}.depth")
-            given_depth[aid] = depth
-        prof = profile_from_dict(a.get("profile") or {}, path, f"{w}.profile", default_uid=agent)
-        actions.append(Action(aid, agent, t, text, parent, prof, 1))
+            given_depth[act.action_id] = depth
+        actions.append(act)
+    dropped = drops.result(len(actions))
     if len(given_depth) < len(actions):
         depths, _ = compute_depths({x.action_id: x.parent for x in actions})
     else:
@@ -239,12 +247,14 @@ def event_from_dict(d: Any, path: str) -> Event:
         domain=domain,
         platform=platform,
         origin=path,
+        dropped=dropped,
     )
 
 
 def parse_jsonl_line(line: bytes | str, path: str) -> Event:
     text = decode_utf8(line, path) if isinstance(line, bytes) else line
-    return event_from_dict(parse_json_text(text, path), path)
+    d = parse_json_text(text, path, check_text=False)  # checked per action: a bad one is dropped
+    return event_from_dict(d, path, check_text=may_hold_lone_surrogate(text))
 
 
 _EVENT_ID = re.compile(rb'^\s*\{\s*"event_id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')

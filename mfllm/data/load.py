@@ -9,12 +9,18 @@ The format is detected from the path:
 Events come out sorted by event id (a stable order, so `limit` always picks the same events), filtered
 by `split` (see mfllm.data.split) and `event_ids`. A bad file (or JSONL line) is reported as a
 `DataError` naming the file and field and skipped, unless `strict=True`, where it is raised.
+
+A fault in one action's row loses that action, never the event: the loaders drop the row and record it
+on `Event.dropped` (counts per fault kind); `LoadResult.dropped` lists those events' records (one per
+file, to warn once per file) and `LoadResult.dropped_actions` sums them per kind. `strict` is about
+whole files; it does not turn a dropped action into an error.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from mfllm.data._common import Entry, list_files
 from mfllm.data.ced import LABEL_DIRS, SOURCE_DIR, ced_entries, is_ced_root
 from mfllm.data.jsonl import jsonl_entries
 from mfllm.data.rumdect import rumdect_entries
-from mfllm.data.schema import Event
+from mfllm.data.schema import DroppedActions, Event
 from mfllm.data.split import SPLIT_CHOICES, in_split
 from mfllm.errors import ConfigError, DataError
 
@@ -33,6 +39,10 @@ _UNKNOWN = (
 )
 
 
+# progress(done, total): entries (files, or JSONL lines) read so far out of those selected.
+ProgressFn = Callable[[int, int], None]
+
+
 @dataclass
 class LoadResult:
     events: list[Event]
@@ -41,6 +51,25 @@ class LoadResult:
     @property
     def n_actions(self) -> int:
         return sum(len(e.actions) for e in self.events)
+
+    @property
+    def dropped(self) -> list[DroppedActions]:
+        """One record per loaded event that lost faulty action rows (the event was kept)."""
+        return [e.dropped for e in self.events if e.dropped is not None]
+
+    @property
+    def dropped_actions(self) -> dict[str, int]:
+        """Fault kind -> actions dropped over all loaded events ({} when none), for a run's metadata."""
+        return count_dropped(self.dropped)
+
+
+def count_dropped(records: Iterable[DroppedActions | None]) -> dict[str, int]:
+    """Fault kind -> actions dropped over these records (e.g. `[e.dropped for e in events]`), by kind."""
+    total: Counter = Counter()
+    for d in records:
+        if d is not None:
+            total.update(d.counts)
+    return dict(sorted(total.items()))
 
 
 def _peek(path: Path, n: int = 512) -> bytes:
@@ -132,6 +161,7 @@ def iter_events(
     strict: bool = False,
     skipped: list[DataError] | None = None,
     format: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> Iterator[Event]:
     """Stream events from `path`, one file parsed at a time, sorted by event id.
 
@@ -140,6 +170,10 @@ def iter_events(
     (a DataError naming file and field) and left out; with strict=True it is raised instead.
     Requested event ids that were not found are reported the same way. A single Rumdect file
     (one event) raises its DataError; a JSONL file skips bad lines like a folder skips bad files.
+    Faulty action rows are dropped, not the event: see `Event.dropped`.
+    progress(done, total) is called with (0, total) first, then after each file (or JSONL line) read;
+    `total` counts the entries the split / event_ids select (with `limit`, at most `limit`), and the
+    last call has done == total.
     """
     _check_args(split, limit)
     p = Path(path)
@@ -159,46 +193,45 @@ def iter_events(
         return in_split(eid, split) and (wanted is None or eid in wanted)
 
     order = {id(e): i for i, e in enumerate(entries)}
-    known = sorted((e for e in entries if e.event_id is not None), key=lambda e: (e.event_id, order[id(e)]))
+    known = sorted(
+        (e for e in entries if e.event_id is not None and keep(e.event_id)),
+        key=lambda e: (e.event_id, order[id(e)]),
+    )
     unknown = [e for e in entries if e.event_id is None]
+    todo = [*known, *unknown]
+    total = len(todo) if limit is None else min(limit, len(todo))
+    tick = progress or (lambda done, total: None)
+    tick(0, total)
     first: dict[str, str] = {}  # event id -> origin that provides it
-    n = 0
-    if limit == 0:
-        return
-    for e in [*known, *unknown]:
-        if e.event_id is not None:
-            if not keep(e.event_id):
-                continue
-            if e.event_id in first:
-                report(
-                    DataError(
-                        e.origin,
-                        f"duplicate event id {e.event_id!r}: already read from "
-                        f"{first[e.event_id]}; this copy is skipped",
-                        "event_id",
-                    )
-                )
-                continue
-            first[e.event_id] = e.origin
+
+    def claim(eid: str, origin: str) -> bool:
+        if eid in first:
+            msg = f"duplicate event id {eid!r}: already read from {first[eid]}; this copy is skipped"
+            report(DataError(origin, msg, "event_id"))
+            return False
+        first[eid] = origin
+        return True
+
+    def read(e: Entry) -> Event | None:
+        if e.event_id is not None and not claim(e.event_id, e.origin):
+            return None
         try:
             ev = _load_nogc(e)
         except DataError as err:
             report(err)
+            return None
+        if e.event_id is None and not (keep(ev.event_id) and claim(ev.event_id, e.origin)):  # id known only now
+            return None
+        return ev
+
+    if limit == 0:
+        return
+    n = 0
+    for done, e in enumerate(todo, 1):
+        ev = read(e)
+        tick(min(done, total), total)  # with a limit, files that fail can push `done` past it
+        if ev is None:
             continue
-        if e.event_id is None:  # id known only now
-            if not keep(ev.event_id):
-                continue
-            if ev.event_id in first:
-                report(
-                    DataError(
-                        e.origin,
-                        f"duplicate event id {ev.event_id!r}: already read from "
-                        f"{first[ev.event_id]}; this copy is skipped",
-                        "event_id",
-                    )
-                )
-                continue
-            first[ev.event_id] = e.origin
         yield ev
         n += 1
         if limit is not None and n >= limit:
@@ -217,6 +250,7 @@ def load_events(
     event_ids: Iterable[str] | None = None,
     strict: bool = False,
     format: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> LoadResult:
     """Load events from a CED folder, a Rumdect file/folder or a JSONL file/folder (see iter_events)."""
     skipped: list[DataError] = []
@@ -232,6 +266,7 @@ def load_events(
                 strict=strict,
                 skipped=skipped,
                 format=format,
+                progress=progress,
             )
         )
     finally:

@@ -4,6 +4,9 @@ A file `<event id>.json` is a JSON list of posts in time order; the first is the
 null), the rest are reposts/comments. Every post carries its author's full profile. The event id is the
 source post's `mid`. The action text is `text` (the user's own words; `original_text` adds the
 `//@user:` repost chain and is not used).
+
+A post after the first with a fault of its own (a bad time, a missing or mistyped field, including its
+author's profile fields) is dropped and counted on `Event.dropped`; the event is kept.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 from mfllm.data._common import (
+    Drops,
     Entry,
+    Fault,
+    check_text_values,
     check_time,
     compute_depths,
     count_uids,
@@ -24,6 +30,7 @@ from mfllm.data._common import (
     get_int,
     get_str,
     list_files,
+    may_hold_lone_surrogate,
     parse_json_text,
     read_bytes,
     short,
@@ -68,16 +75,34 @@ def _post_mid(r: dict, path: str, where: str) -> str:
     return get_id(r, "id", path, f"{where}.mid")
 
 
-def parse_rumdect(posts, path: str, activity: Counter | None = None) -> Event:
-    """Build an Event from the parsed JSON of one Rumdect file."""
+def _action_row(r: dict, i: int, path: str, st: float, check_text: bool):
+    """Post i (> 0) -> (time, text, parent, profile); a DataError names what is wrong with it."""
+    where = f"[{i}]"
+    if check_text:
+        check_text_values(r, path, where)
+    if "t" not in r:
+        raise Fault(path, "missing", f"{where}.t", kind="missing_field")
+    t = check_time(r["t"], path, f"{where}.t", after=st)
+    if "parent" not in r:
+        raise Fault(path, "missing", f"{where}.parent", kind="missing_field")
+    parent = get_id(r, "parent", path, f"{where}.parent", required=False)
+    text = get_str(r, "text", path, f"{where}.text", null_as="")
+    return t, text, parent, _profile(r, path, where)
+
+
+def parse_rumdect(posts, path: str, activity: Counter | None = None, *, check_text: bool = True) -> Event:
+    """Build an Event from the parsed JSON of one Rumdect file. `check_text`: check every string can be
+    written as UTF-8 (a post with a lone surrogate is dropped); the caller may pass False when the raw
+    text cannot hold one (see `may_hold_lone_surrogate`)."""
     if not isinstance(posts, list):
         raise DataError(path, f"expected a JSON list of posts (Rumdect format), got {type_name(posts)}")
     if not posts:
         raise DataError(path, "empty list: expected the source post followed by its reposts/comments")
-    for i, r in enumerate(posts):
-        if not isinstance(r, dict):
-            raise DataError(path, f"expected an object, got {type_name(r)}", f"[{i}]")
     src = posts[0]
+    if not isinstance(src, dict):
+        raise DataError(path, f"expected an object, got {type_name(src)}", "[0]")
+    if check_text:
+        check_text_values(src, path, "[0]")
     if "date" in src and "kids" in src and "t" not in src:
         raise DataError(
             path, "this looks like a CED repost file; pass the CED root folder (holding original-microblog/)"
@@ -100,22 +125,23 @@ def parse_rumdect(posts, path: str, activity: Counter | None = None) -> Event:
 
     rows = []
     seen: set[str] = set()
+    drops = Drops(path)
     for i in range(1, len(posts)):
-        r, where = posts[i], f"[{i}]"
-        mid = _post_mid(r, path, where)
-        if mid in seen or mid == event_id:
-            continue  # the same post listed twice
+        r = posts[i]
+        try:
+            if not isinstance(r, dict):
+                raise Fault(path, f"expected an object, got {type_name(r)}", f"[{i}]")
+            mid = _post_mid(r, path, f"[{i}]")
+            if mid in seen or mid == event_id:
+                continue  # the same post listed twice
+            t, text, parent, prof = _action_row(r, i, path, st, check_text)
+        except DataError as e:  # this post only: the event keeps its other actions
+            drops.add(e)
+            continue
         seen.add(mid)
-        if "t" not in r:
-            raise DataError(path, "missing", f"{where}.t")
-        t = check_time(r["t"], path, f"{where}.t", after=st)
-        if "parent" not in r:
-            raise DataError(path, "missing", f"{where}.parent")
-        parent = get_id(r, "parent", path, f"{where}.parent", required=False)
         if parent == event_id or parent == "":
             parent = None
-        text = get_str(r, "text", path, f"{where}.text", null_as="")
-        rows.append((mid, t, text, parent, _profile(r, path, where)))
+        rows.append((mid, t, text, parent, prof))
 
     depths, broken = compute_depths({row[0]: row[3] for row in rows})
     rows.sort(key=lambda row: row[1])
@@ -129,12 +155,15 @@ def parse_rumdect(posts, path: str, activity: Counter | None = None) -> Event:
         actions.append(Action(mid, prof.uid, t, text, parent, prof, depths[mid]))
     if activity is not None:
         source.author.corpus_activity = max(1, activity.get(source.author.uid, 0))
-    return Event(event_id=event_id, source=source, actions=actions, label=None, platform="weibo", origin=path)
+    return Event(event_id=event_id, source=source, actions=actions, label=None, platform="weibo", origin=path,
+                 dropped=drops.result(len(actions)))
 
 
 def load_rumdect_file(path: Path | str, activity: Counter | None = None) -> Event:
     p = str(path)
-    return parse_rumdect(parse_json_text(decode_utf8(read_bytes(p), p), p), p, activity)
+    text = decode_utf8(read_bytes(p), p)
+    posts = parse_json_text(text, p, check_text=False)  # checked per post: a bad one is dropped
+    return parse_rumdect(posts, p, activity, check_text=may_hold_lone_surrogate(text))
 
 
 def peek_event_id(path: Path | str) -> str | None:

@@ -93,6 +93,29 @@ class SourcePost:
 
 
 @dataclass(slots=True)
+class DroppedActions:
+    """Actions a loader left out of an event because their own row was faulty; the event itself is kept.
+
+    Real cascades hold such rows (a repost dated days before its source post: a clock or time-zone error),
+    and one bad row must not lose the event. `counts`: fault kind -> actions dropped (the kinds are
+    `mfllm.data._common.FAULT_KINDS`). `first`: the first fault as a one-line message naming the file,
+    the field and the post, e.g. "x.json: field 'date': impossible timestamp ... (post 2, mid 9spkMP)".
+    """
+
+    origin: str  # the file (or file:line) holding the rows
+    counts: dict[str, int]
+    first: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return f"{self.first}; {self.total} action(s) dropped ({kinds}), the event is kept"
+
+
+@dataclass(slots=True)
 class Event:
     event_id: str
     source: SourcePost
@@ -101,6 +124,12 @@ class Event:
     domain: str | None = None  # one of mfllm.evaluation.domains.DOMAINS when tagged
     platform: str = "weibo"
     origin: str | None = None  # file it came from
+    dropped: DroppedActions | None = None  # faulty action rows the loader left out (None: none)
+
+    @property
+    def dropped_actions(self) -> dict[str, int]:
+        """Fault kind -> actions of this event dropped on loading ({} when none)."""
+        return dict(self.dropped.counts) if self.dropped else {}
 
     def __len__(self) -> int:
         return len(self.actions)

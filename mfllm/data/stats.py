@@ -22,11 +22,14 @@ class SplitStats:
     first: float | None = None  # earliest time (source post or action), unix seconds
     last: float | None = None
     spans_h: list[float] = field(default_factory=list)  # per event: source post -> last action, hours
+    dropped: Counter = field(default_factory=Counter)  # fault kind -> faulty action rows left out
 
     def add(self, ev: Event) -> None:
         self.events += 1
         self.actions += len(ev.actions)
         self.labels[ev.label or "unlabelled"] += 1
+        if ev.dropped is not None:
+            self.dropped.update(ev.dropped.counts)
         agents = self.agents
         empty = 0
         for a in ev.actions:
@@ -65,6 +68,7 @@ class SplitStats:
             "first": day(self.first),
             "last": day(self.last),
             "median_span_hours": None if self.median_span_h is None else round(self.median_span_h, 1),
+            "dropped_actions": dict(sorted(self.dropped.items())),
         }
 
 
@@ -75,3 +79,21 @@ def compute_stats(events: Iterable[Event]) -> dict[str, SplitStats]:
         out[split_of(ev.event_id)].add(ev)
         out["all"].add(ev)
     return out
+
+
+EVENT_COLUMNS = ("event_id", "label", "split", "actions", "span_hours", "dropped", "source_text")
+
+
+def event_row(ev: Event) -> dict:
+    """One line of `mfllm data events`: id, label, split, size, span (first to last action, hours),
+    actions dropped on loading, and the source post's text."""
+    span = (ev.actions[-1].time - ev.actions[0].time) / 3600.0 if ev.actions else 0.0
+    return {
+        "event_id": ev.event_id,
+        "label": ev.label,
+        "split": split_of(ev.event_id),
+        "actions": len(ev.actions),
+        "span_hours": round(span, 1),
+        "dropped": ev.dropped.total if ev.dropped else 0,
+        "source_text": ev.source.text,
+    }
