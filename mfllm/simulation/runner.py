@@ -18,7 +18,9 @@ from mfllm.errors import ConfigError, DataError, MfllmError
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import ResumePoint, RunSummary, SimConfig, Simulator, fold_records
 from mfllm.simulation.interventions import Intervention
-from mfllm.store.run import RunStore
+from mfllm.store.records import StepRecord
+from mfllm.store.run import CONFIG, RunStore
+from mfllm.store.rundir import check_resumable, public_options
 
 
 class Interrupted(MfllmError):
@@ -28,7 +30,8 @@ class Interrupted(MfllmError):
 def make_backend(backend: str = "hf", model: str | None = None, **options) -> Backend:
     from mfllm.backends.registry import make_backend as _make
 
-    model = model or str(DEFAULT_MODEL)
+    if not model and backend != "openai":  # an openai backend with no model uses the server's only one
+        model = str(DEFAULT_MODEL)
     if backend in ("hf", "vllm") and not Path(model).exists() and "/" not in model:
         raise ConfigError(f"model path {model!r} does not exist", field="model")
     return _make(backend, model=model, **options)
@@ -110,47 +113,6 @@ def check_config(config: SimConfig) -> None:
                           field="lang")
 
 
-def _check_run_config(cfg, path: str) -> SimConfig:
-    """A run's config.json as resume needs it (a damaged or hand-edited file gives one clear error)."""
-    from pydantic import ValidationError
-
-    if not isinstance(cfg, dict):
-        raise ConfigError("expected a JSON object", path=path)
-    if "data" in cfg and cfg["data"] is None:
-        raise ConfigError("this run's events were passed in memory (no data path): it cannot be resumed",
-                          path=path, field="data")
-    for key, types, what in (("sim", dict, "an object"), ("events", list, "a list of event ids"),
-                             ("data", str, "the data path")):
-        if not isinstance(cfg.get(key), types):
-            raise ConfigError(f"missing or not {what}", path=path, field=key)
-    if not all(isinstance(e, str) for e in cfg["events"]):
-        raise ConfigError("expected a list of event ids", path=path, field="events")
-    for key, types in (("backend_options", dict), ("backend_name", str), ("model", str)):
-        if cfg.get(key) is not None and not isinstance(cfg[key], types):
-            raise ConfigError(f"expected {'an object' if types is dict else 'a string'}", path=path, field=key)
-    try:
-        return SimConfig(**cfg["sim"])
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise ConfigError(f"{first.get('msg')} (got {first.get('input')!r})", path=path,
-                          field=f"sim.{loc}" if loc else "sim") from None
-
-
-def public_options(options: dict | None) -> dict:
-    """Backend options that may be written to a run's files (never one that can hold a secret)."""
-    return {k: v for k, v in (options or {}).items() if not _secret_option(k)}
-
-
-def _secret_option(name: str) -> bool:
-    """Options that may hold a secret are never written. `api_key_env` / `api_key_file` hold only the
-    variable's name / the file's path (a resume needs them to find the key again)."""
-    n = name.lower()
-    if n.endswith(("_env", "_file")):
-        return False
-    return any(w in n for w in ("key", "token", "secret", "password"))
-
-
 def _log_skipped(skipped: list[DataError]) -> None:
     log = logging.getLogger(__name__)
     log.warning("%d bad input file(s) / line(s) skipped", len(skipped))
@@ -170,7 +132,7 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     cfg = store.config()
     if store.is_done():
         raise ConfigError(f"{out} is already complete; nothing to resume")
-    config = _check_run_config(cfg, str(store.dir / "config.json"))
+    config = check_resumable(cfg, str(store.dir / CONFIG), SimConfig)
     if backend_options:  # checked before the (slow) data load
         bad = sorted(set(backend_options) - set(RESUME_OVERRIDES))
         if bad:
@@ -207,9 +169,9 @@ def _execute(store: RunStore, events: list[Event], config: SimConfig, backend: B
                                       TextColumn("agents"), TimeElapsedColumn(), disable=not progress) as bar:
         task = bar.add_task("sim", total=total, completed=done_before)
 
-        def sink(rec: dict) -> None:
+        def sink(rec: StepRecord) -> None:
             store.append(rec)
-            bar.update(task, advance=len(rec["actions"]))
+            bar.update(task, advance=len(rec.actions))
 
         try:
             summary = sim.run(events, sink, resume=records, should_stop=lambda: flag.stop)

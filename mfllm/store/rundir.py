@@ -1,0 +1,180 @@
+"""Reading and checking a run directory (config.json, steps.jsonl, done.json; layout in docs/architecture.md).
+
+The one place that knows what a run's files may hold:
+- :func:`load_run`: the whole run for evaluation (lenient: an incomplete run, or lines after a torn one,
+  become warnings);
+- :func:`check_resumable`: config.json as a resume needs it (one clear error for a damaged or hand-edited
+  file);
+- :func:`config_diffs`: what differs between a stored run and the settings a caller would run with;
+- :func:`public_options`: the backend options that may be written to a run's files (never a secret).
+The writing side is :mod:`mfllm.store.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from mfllm.errors import ConfigError, DataError
+from mfllm.store.run import CONFIG, DONE, STEPS, read_steps
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def public_options(options: dict | None) -> dict:
+    """Backend options that may be written to a run's files (never one that can hold a secret)."""
+    return {k: v for k, v in (options or {}).items() if not _secret_option(k)}
+
+
+def _secret_option(name: str) -> bool:
+    """Options that may hold a secret are never written. `api_key_env` / `api_key_file` hold only the
+    variable's name / the file's path (a resume needs them to find the key again)."""
+    n = name.lower()
+    if n.endswith(("_env", "_file")):
+        return False
+    return any(w in n for w in ("key", "token", "secret", "password"))
+
+
+# --------------------------------------------------------------------------- resume / continue
+
+
+def check_resumable(cfg: Any, path: str, sim_model: type[M]) -> M:
+    """A run's config.json as resume needs it; returns its ``sim`` section as ``sim_model`` (the simulation's
+    config class, passed in because the store sits below the simulation layer)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("expected a JSON object", path=path)
+    if "data" in cfg and cfg["data"] is None:
+        raise ConfigError("this run's events were passed in memory (no data path): it cannot be resumed",
+                          path=path, field="data")
+    for key, types, what in (("sim", dict, "an object"), ("events", list, "a list of event ids"),
+                             ("data", str, "the data path")):
+        if not isinstance(cfg.get(key), types):
+            raise ConfigError(f"missing or not {what}", path=path, field=key)
+    if not all(isinstance(e, str) for e in cfg["events"]):
+        raise ConfigError("expected a list of event ids", path=path, field="events")
+    for key, types in (("backend_options", dict), ("backend_name", str), ("model", str)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], types):
+            raise ConfigError(f"expected {'an object' if types is dict else 'a string'}", path=path, field=key)
+    try:
+        return sim_model(**cfg["sim"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ConfigError(f"{first.get('msg')} (got {first.get('input')!r})", path=path,
+                          field=f"sim.{loc}" if loc else "sim") from None
+
+
+def config_diffs(cfg: Mapping, expected_sim: Mapping, events: list[str], interventions: Any,
+                 sim_model: type[BaseModel], ignored: Iterable[str] = ()) -> list[str]:
+    """How a stored run's config differs from the settings a caller would continue it with (empty: same).
+    ``ignored``: sim fields that do not change results."""
+    # A setting added after the run was made is absent from its config: it ran with that setting's default.
+    stored = {k: f.default for k, f in sim_model.model_fields.items()} | (cfg.get("sim") or {})
+    ignored = set(ignored)
+    got = {k: v for k, v in stored.items() if k not in ignored}
+    want = {k: v for k, v in expected_sim.items() if k not in ignored}
+    diffs = [f"{k}: {got.get(k)!r} (stored) vs {want.get(k)!r}" for k in sorted(set(got) | set(want))
+             if got.get(k) != want.get(k)]
+    if cfg.get("events") != events:
+        diffs.append(f"events: {len(cfg.get('events') or [])} stored vs {len(events)} selected")
+    if cfg.get("interventions") != interventions:
+        diffs.append(f"interventions: {cfg.get('interventions')!r} vs {interventions!r}")
+    return diffs
+
+
+# --------------------------------------------------------------------------- the whole run (evaluation)
+
+
+def _read_steps(run_dir: Path) -> tuple[list[dict], int]:
+    """(good step records via the store's reader, number of non-empty lines not used).
+
+    The store's reader verifies each line's sha and stops at the first bad line (nothing after a
+    torn / corrupted line is trusted), so the count covers the bad line and everything after it.
+    """
+    recs = read_steps(run_dir)
+    with open(run_dir / STEPS, encoding="utf-8", errors="replace") as f:
+        n_lines = sum(1 for line in f if line.strip())
+    return recs, max(0, n_lines - len(recs))
+
+
+def _method_of(config: dict, run_dir: Path) -> str:
+    nested = [
+        (config.get(k) or {}).get("method") for k in ("sim", "simulation") if isinstance(config.get(k), dict)
+    ]
+    for cand in (config.get("method"), *nested):
+        if isinstance(cand, dict):
+            cand = cand.get("name")
+        if isinstance(cand, str) and cand:
+            return cand
+    return "sim"
+
+
+@dataclass(slots=True)
+class RunData:
+    run_dir: Path
+    config: dict
+    method: str
+    complete: bool
+    steps: dict[str, list[dict]]  # event_id -> step records, by step number
+    dropped_lines: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_run(run_dir: str | os.PathLike) -> RunData:
+    """Read a run directory (config.json, steps.jsonl, done.json). Raises DataError if unusable."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise DataError(str(rd), "run directory not found")
+    if not (rd / STEPS).is_file():
+        raise DataError(
+            str(rd / STEPS), "no steps.jsonl: not a run directory (or nothing simulated yet)"
+        )
+    config: dict = {}
+    if (rd / CONFIG).is_file():
+        try:
+            config = json.loads((rd / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(str(rd / CONFIG), f"cannot read: {e}") from None
+        if not isinstance(config, dict):
+            raise DataError(str(rd / CONFIG), "expected a JSON object")
+    recs, bad = _read_steps(rd)
+    warnings: list[str] = []
+    if bad:
+        warnings.append(
+            f"{bad} line(s) of steps.jsonl from the first one failing its sha check on were ignored"
+        )
+    by_event: dict[str, dict[int, dict]] = {}
+    dup = 0
+    for i, r in enumerate(recs):
+        for key in ("event_id", "step", "phase", "actions"):
+            if key not in r:
+                raise DataError(str(rd / STEPS), f"step record {i} has no {key!r}", field=key)
+        steps = by_event.setdefault(str(r["event_id"]), {})
+        if int(r["step"]) in steps:
+            dup += 1
+        steps[int(r["step"])] = r  # the last record of a step wins
+    if dup:
+        warnings.append(f"{dup} duplicate step record(s) in steps.jsonl; the last of each was used")
+    if not by_event:
+        raise DataError(str(rd / STEPS), "no valid step record")
+    complete = (rd / DONE).is_file()
+    if not complete:
+        warnings.append("run is incomplete (no done.json): metrics cover the steps written so far")
+    return RunData(
+        run_dir=rd,
+        config=config,
+        method=_method_of(config, rd),
+        complete=complete,
+        steps={e: [s[k] for k in sorted(s)] for e, s in by_event.items()},
+        dropped_lines=bad,
+        warnings=warnings,
+    )
