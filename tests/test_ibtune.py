@@ -15,7 +15,9 @@ import torch
 from helpers.tiny_model import make_tiny_lora, tiny_model_dir  # noqa: F401 - pytest fixture
 
 from mfllm.data.load import load_events
+from mfllm.errors import ConfigError
 from mfllm.paths import SAMPLE_DATA
+from mfllm.prompts.templates import meanfield_prompt
 from mfllm.training import ibtune as ib
 
 
@@ -65,7 +67,7 @@ def one_token(tiny_model_dir, events, tmp_path_factory):  # noqa: F811
 
 
 def _exact_objective(roles, cfg, unit, reward, beta):
-    p = roles.encode_prompts([ib.meanfield_prompt(unit.event_text, unit.previous, unit.pairs, cfg.lang)])[0]
+    p = roles.encode_prompts([meanfield_prompt(unit.event_text, unit.previous, unit.pairs, cfg.lang)])[0]
     p0 = roles.encode_prompts([ib.prior_prompt(unit.event_text, cfg.lang)])[0]
     with torch.no_grad(), roles.active(None) as ref:
         lp0 = torch.log_softmax(ref(input_ids=torch.tensor([p0])).logits[0, -1].float(), -1)
@@ -82,7 +84,7 @@ def test_estimator_points_along_the_exact_gradient(one_token, beta):
     _exact_objective(roles, cfg, unit, reward, beta).backward()
     exact = _grads(roles)
     _zero(roles)
-    cfg = dataclasses.replace(cfg, beta=beta, samples_k=128 if beta == 0 else 256)  # the KL term adds variance
+    cfg = cfg.model_copy(update=dict(beta=beta, samples_k=128 if beta == 0 else 256))  # the KL term adds variance
     res = ib.stage1_step(roles, [unit], cfg, seed=5)
     estimate = -_grads(roles)  # the surrogate is minimised: -grad L estimates grad J
     _zero(roles)
@@ -96,7 +98,7 @@ def test_estimator_points_along_the_exact_gradient(one_token, beta):
 
 def test_objective_increases_over_a_few_steps(one_token):
     roles, cfg, unit, reward = one_token
-    cfg = dataclasses.replace(cfg, samples_k=64)
+    cfg = cfg.model_copy(update=dict(samples_k=64))
     saved = [p.detach().clone() for p in roles.parameters()]
     with torch.no_grad():
         before = float(_exact_objective(roles, cfg, unit, reward, cfg.beta))
@@ -139,7 +141,7 @@ def test_stage2_sft_loss_decreases_with_the_mf_context(tiny_model_dir, events, t
     exs = ib.build_policy_examples(events, cfg, 8, random.Random(0), roles, meanfield_role=None)
     assert len(exs) == 8 and all("【舆论】" in e.prompt for e in exs)
     assert any(e.step > 0 and "【舆论】暂无回应" not in e.prompt for e in exs)  # m_t written by the summariser
-    rows = ib._encode_examples(roles, exs)
+    rows = ib.encode_examples(roles, exs)
     opt = torch.optim.AdamW(roles.parameters(), lr=2e-2, weight_decay=0.0)
     losses = []
     for _ in range(6):
@@ -208,7 +210,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, events, tmp
     a = load_file(str(tmp_path / "a/adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b/adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    with pytest.raises(ib.ConfigError):  # a different config does not silently resume an old checkpoint
+    with pytest.raises(ConfigError):  # a different config does not silently resume an old checkpoint
         ib.train_policy(_cfg(tmp_path / "c", tiny_model_dir, interrupt_after=1, **kw), events, events, progress=False)
         ib.train_policy(_cfg(tmp_path / "c", tiny_model_dir, **{**kw, "lr": 0.5}), events, events, progress=False)
 
@@ -248,3 +250,12 @@ def test_cli_ib_tune_writes_every_adapter_and_refuses_bad_options(tmp_path, tiny
         assert (tmp_path / "ib" / role / "adapter_model.safetensors").is_file(), role
     bad = cli_inproc("train", "ib-tune", "--out", tmp_path / "bad", *small, "--samples-k", "1")
     assert_clean_failure(bad, "samples_k")
+
+
+def test_tune_config_refuses_bad_values_naming_the_field(tmp_path):
+    for bad, field in ((dict(previous="last"), "previous"), (dict(context="mean"), "context"),
+                       (dict(steps=0), "steps"), (dict(beta=-1.0), "beta"), (dict(lang="fr"), "lang")):
+        with pytest.raises(ConfigError, match=f"field '{field}'"):
+            ib.TuneConfig(out=str(tmp_path), **bad)
+    cfg = ib.replace_cfg(ib.TuneConfig(out=str(tmp_path)), context="state")
+    assert cfg.context == "state" and cfg.model_dump()["previous"] == "chain"
