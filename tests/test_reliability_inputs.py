@@ -261,7 +261,8 @@ BAD_LINES = {  # name -> (line for an event id, the field named, words of the me
 
 
 def _set(ev: dict, key: str, value) -> dict:
-    ev["actions"][0][key] = value
+    for a in ev["actions"]:  # every action: one bad action is dropped, only an event with none left is skipped
+        a[key] = value
     return ev
 
 
