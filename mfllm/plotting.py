@@ -163,8 +163,10 @@ def figure(n: int, cols: int, *, panel: tuple[float, float] = (3.3, 2.3), legend
 
 
 def style_axes(ax, xlabel: str, ylabel: str, title: str | None = None, *,
-               ylim: tuple[float, float] | None = None, integer_x: bool = False) -> None:
-    """Labelled axes with the grid; ylim (0, 1) for shares gets a small margin so 0 and 1 stay visible."""
+               ylim: tuple[float, float] | None = None, integer_x: bool = False,
+               integer_y: bool = False) -> None:
+    """Labelled axes with the grid; ylim (0, 1) for shares gets a small margin so 0 and 1 stay visible;
+    integer_x / integer_y: ticks on whole numbers only (bins, counts)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -173,10 +175,13 @@ def style_axes(ax, xlabel: str, ylabel: str, title: str | None = None, *,
         lo, hi = ylim
         pad = 0.02 * (hi - lo)
         ax.set_ylim(lo - pad, hi + pad)
-    if integer_x:
-        from matplotlib.ticker import MaxNLocator
+    if integer_x or integer_y:
+        from matplotlib.ticker import MaxNLocator  # matplotlib is imported on first use (see pyplot)
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if integer_y:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True)
 
 

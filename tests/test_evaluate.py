@@ -237,6 +237,44 @@ def test_evaluate_run_end_to_end(tmp_path):
     assert again["summary"] == m["summary"]
 
 
+def test_evaluate_plots_label_axes_say_what_a_bin_is_and_count_events(tmp_path, monkeypatch):
+    from mfllm import plotting
+    from mfllm.evaluation import plots
+    from mfllm.evaluation.evaluate import evaluate
+
+    rd = write_run(tmp_path, "run", "mf", sim="other")
+    res = evaluate(rd, bin_by="actions", bin_size=2, cache="")
+    figs = {}
+    save = plotting.save
+
+    def keep(fig, path, dpi=None):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        figs[path.name] = [(ax, ax.get_window_extent(r), ax.get_legend() and ax.get_legend().get_window_extent(r))
+                           for ax in fig.axes if ax.get_visible()]
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plotting, "save", keep)
+    plots.write_plots(res, tmp_path / "plots")
+    assert set(figs) == {"average.png", "event_e1.png", "event_e2.png"}
+    for name, panels in figs.items():
+        assert len(panels) == (len(ALL_DIMENSIONS) if name != "average.png" else 9)
+        for ax, box, leg in panels:
+            assert "1 bin = 2 rollout actions" in ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+            assert all(g.get_visible() for g in ax.get_ygridlines())
+            assert leg is None or leg.x0 >= box.x1  # legends beside the panel, not over the data
+    # the average: e1 has 6 warm-up and 9 rollout actions (3 + 5 bins of 2), e2 4 and 6 (2 + 3 bins)
+    avg = figs["average.png"]
+    counts = avg[-1][0]
+    assert counts.get_title().startswith("events behind each bin")
+    assert [p.get_height() for p in counts.patches] == [1, 2, 2, 2, 2, 2, 1, 1]
+    stance = next(ax for ax, _, _ in avg if ax.get_title() == "stance")
+    spans = [p.get_x() for p in stance.patches]  # the shaded bins backed by one event only
+    assert spans == [-3.5, 2.5]
+    assert plots.bin_description({"by": "seconds", "size": 3600}) == "1 bin = 1 h of real time"
+    assert plots.bin_description({"by": "steps", "size": 1}, 16) == "1 bin = 1 engine step of 16 agents"
+
+
 def test_evaluate_time_bins_and_no_outputs(tmp_path):
     rd = write_run(tmp_path, "r", "recent", sim="other")
     m = evaluate_run(rd, bin_by="actions", bin_size=2, plots=False, report=False, cache="")

@@ -1,8 +1,15 @@
-"""PNG plots (matplotlib, Agg): real vs simulated share of each label over time, per dimension.
+"""PNG plots of an evaluation (mfllm.plotting's style): the real vs the simulated share of each label, per bin.
 
-One figure per event (warm-up real shares, then rollout real (solid) vs simulated (dashed), the
-warm-up/rollout boundary as a vertical line) and one averaged over events, aligned at the boundary
-(x = bins relative to the rollout's first bin; keywords left out since vocabularies differ).
+A *bin* is the evaluation's unit of time (``binning`` in metrics.json, ``--bin-by`` / ``--bin-size``): by
+default one engine step (``step_size`` agents); ``actions N`` = N rollout actions; ``seconds S`` = S
+seconds of real time. x = 0 is the rollout's first bin; the warm-up's bins are negative.
+
+- ``event_<id>.png``: one event: the warm-up's real shares (thin), then the rollout's real (solid) and
+  simulated (dashed) shares, the rollout start dotted; the keywords panel shows the event's most
+  frequent real keywords (k1, k2... without a CJK font; the report lists the words).
+- ``average.png``: the mean over events of each bin's share, aligned at the rollout start (keywords left
+  out: vocabularies differ), with a panel counting the events behind each bin; bins backed by fewer
+  than ``MIN_EVENTS`` events are shaded (their mean swings with a single event).
 """
 
 from __future__ import annotations
@@ -13,51 +20,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from mfllm.evaluation import distributions as D  # noqa: E402
-from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS  # noqa: E402
+from mfllm import plotting as P
+from mfllm.evaluation import distributions as D
+from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS
 
 if TYPE_CHECKING:
     from mfllm.evaluation.evaluate import Evaluation
 
 MAX_KEYWORD_LINES = 6  # keywords panel: the most frequent vocabulary words only
-_CJK_FONTS = (
-    "Noto Sans CJK SC",
-    "Noto Sans SC",
-    "Source Han Sans SC",
-    "WenQuanYi Zen Hei",
-    "WenQuanYi Micro Hei",
-    "SimHei",
-    "Microsoft YaHei",
-    "PingFang SC",
-    "Heiti SC",
-    "Arial Unicode MS",
-)
-
-
-def _setup_fonts() -> bool:
-    """Put an installed CJK font first; False if there is none (keywords are then shown as k1, k2...)."""
-    names = {f.name for f in font_manager.fontManager.ttflist}
-    cjk = [n for n in _CJK_FONTS if n in names]
-    if cjk:
-        plt.rcParams["font.sans-serif"] = [*cjk, *plt.rcParams["font.sans-serif"]]
-        plt.rcParams["font.family"] = "sans-serif"
-    return bool(cjk)
-
-
-HAS_CJK_FONT = _setup_fonts()
+MIN_EVENTS = 3  # average plot: bins backed by fewer events are shaded
+_COLS = 3
+_PANEL = (3.0, 2.1)
+_LEGEND = 1.0
+_DPI = 90  # the report embeds every plot: a readable size at a modest file size
+SHARE = "share of labelled agents"
+KEYWORD_SHARE = "share of keyword uses"  # an agent's every keyword counts once
 
 
 def keyword_legend(vocab: tuple[str, ...]) -> list[str]:
     """The labels the keywords panel uses for the vocabulary: the words, or k1, k2... without a CJK font."""
-    return list(vocab) if HAS_CJK_FONT else [f"k{i + 1}" for i in range(len(vocab))]
+    return list(vocab) if P.has_cjk_font() else [f"k{i + 1}" for i in range(len(vocab))]
+
+
+def bin_description(binning: dict | None, step_size: int | None = None) -> str:
+    """What one bin is, in words ("1 bin = 1 engine step of 16 agents", "1 bin = 600 s of real time")."""
+    by = (binning or {}).get("by", "steps")
+    size = (binning or {}).get("size", 1)
+    if by == "actions":
+        return f"1 bin = {size:g} rollout actions"
+    if by == "seconds":
+        s = float(size)
+        when = f"{s / 3600:g} h" if s >= 3600 and s % 360 == 0 else f"{s / 60:g} min" if s % 60 == 0 else f"{s:g} s"
+        return f"1 bin = {when} of real time"
+    steps = f"{size:g} engine step{'s' if size != 1 else ''}"
+    return f"1 bin = {steps}" + (f" of {step_size} agents" if step_size else "")
 
 
 def safe_name(event_id: str) -> str:
@@ -76,94 +74,100 @@ def event_series(ev: D.EventLabels, dim: str, vocab: tuple[str, ...]) -> dict[st
     }
 
 
-def _panel(ax, cats, warm, real, sim, title: str, x0: int = 0, keep: list[int] | None = None) -> None:
+def _key(fig, method: str) -> None:
+    P.key(fig, [("real", "-", "o"), (method, "--", "x"), ("warm-up: real (thin)", "-", None),
+                ("rollout start", "|", None)])
+
+
+def _panel(ax, cats, warm, real, sim, title: str, xlabel: str, keep: list[int] | None = None) -> None:
     nw = warm.shape[0]
     keep = list(range(len(cats))) if keep is None else keep
-    xw = np.arange(x0 - nw, x0)
-    xr = np.arange(x0, x0 + real.shape[0])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    xw = np.arange(-nw, 0)
+    xr = np.arange(real.shape[0])
+    colors = P.colors()
     for j, k in enumerate(keep):
         c = colors[j % len(colors)]
         if nw:
-            ax.plot(np.append(xw, xr[:1]), np.append(warm[:, k], real[:1, k]), color=c, lw=1.2, alpha=0.55)
-        ax.plot(xr, real[:, k], color=c, lw=1.6, marker="o", ms=2.5, label=str(cats[k]))
-        ax.plot(xr, sim[:, k], color=c, lw=1.6, ls="--", marker="x", ms=3)
-    ax.axvline(x0 - 0.5, color="k", lw=0.8, ls=":")
-    ax.set_title(title, fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(-0.02, 1.02)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="upper right", ncol=2, frameon=False)
+            ax.plot(np.append(xw, xr[:1]), np.append(warm[:, k], real[:1, k]), color=c, lw=1.0, alpha=0.55)
+        ax.plot(xr, real[:, k], color=c, marker="o", label=str(cats[k]))
+        ax.plot(xr, sim[:, k], color=c, ls="--", marker="x")
+    ax.axvline(-0.5, color="k", lw=0.8, ls=":")
+    P.style_axes(ax, xlabel, KEYWORD_SHARE if title == KEYWORDS else SHARE, title, ylim=(0, 1), integer_x=True)
+    P.legend(ax)
 
 
-def _grid(n: int):
-    cols = 3
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
-    # fixed margins: tight_layout costs seconds per figure
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.05, top=0.92, wspace=0.18, hspace=0.35)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
+def _xlabel(bins: str) -> str:
+    return f"bins from the rollout start ({bins})"
 
 
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. missing glyphs in an event id
-        fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_event(
-    ev: D.EventLabels, path: Path, method: str = "sim", keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N
-) -> Path:
+def plot_event(ev: D.EventLabels, path: Path, method: str = "sim",
+               keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N, bins: str = "1 bin = 1 engine step") -> Path:
     vocab = ev.vocab(keywords_top_n)
-    fig, axes = _grid(len(ALL_DIMENSIONS))
-    for ax, dim in zip(axes, ALL_DIMENSIONS, strict=False):
+    fig, axes = P.figure(len(ALL_DIMENSIONS), _COLS, panel=_PANEL, legend_width=_LEGEND,
+                         title=f"event {ev.event_id}: real vs {method}")
+    _key(fig, method)
+    for ax, dim in zip(axes, ALL_DIMENSIONS, strict=True):
         s = event_series(ev, dim, vocab)
         keep, cats = None, s["cats"]
         if dim == KEYWORDS:
             keep = list(range(min(len(vocab), MAX_KEYWORD_LINES))) + [len(vocab)]
             cats = (*keyword_legend(vocab), "other")
-        _panel(ax, cats, s["warmup"], s["real"], s["sim"], dim, keep=keep)
-    fig.suptitle(
-        f"event {ev.event_id}: real (solid) vs {method} (dashed); dotted line = rollout start; x = bins from the rollout start",
-        fontsize=10,
-    )
-    _save(fig, path)
-    return path
+        _panel(ax, cats, s["warmup"], s["real"], s["sim"], dim, _xlabel(bins), keep=keep)
+    return P.save(fig, path, dpi=_DPI)
 
 
-def plot_average(evs: list[D.EventLabels], path: Path, method: str = "sim") -> Path:
-    """Mean share over events per bin offset from the rollout start (categorical dimensions)."""
+def plot_average(evs: list[D.EventLabels], path: Path, method: str = "sim",
+                 bins: str = "1 bin = 1 engine step") -> Path:
+    """Mean share over events per bin offset from the rollout start (categorical dimensions), and the
+    number of events behind each bin."""
     dims = list(DIMENSIONS)
     max_w = max((ev.n_warmup_bins for ev in evs), default=0)
     max_r = max((ev.n_bins for ev in evs), default=0)
-    fig, axes = _grid(len(dims))
+    # events behind each bin, x = -max_w .. max_r - 1 (warm-up bins right-aligned at the boundary)
+    n_events = np.array([sum(ev.n_warmup_bins >= -x for ev in evs) for x in range(-max_w, 0)]
+                        + [sum(ev.n_bins > x for ev in evs) for x in range(max_r)], dtype=int)
+    xs = np.arange(-max_w, max_r)
+    enough = min(MIN_EVENTS, len(evs))
+    thin = n_events < enough
+    fig, axes = P.figure(len(dims) + 1, _COLS, panel=_PANEL, legend_width=_LEGEND,
+                         title=f"mean over {len(evs)} event(s): real vs {method}")
+    _key(fig, method)
     for ax, dim in zip(axes, dims, strict=False):
         k = len(DIMENSIONS[dim])
-        acc = {
-            key: np.full((len(evs), n, k), np.nan)
-            for key, n in (("warmup", max_w), ("real", max_r), ("sim", max_r))
-        }
+        acc = {key: np.full((len(evs), n, k), np.nan) for key, n in (("warmup", max_w), ("real", max_r), ("sim", max_r))}
         for i, ev in enumerate(evs):
             s = event_series(ev, dim, ())
             w = s["warmup"]
             if w.shape[0]:
-                acc["warmup"][i, max_w - w.shape[0] :] = w  # right-aligned at the boundary
+                acc["warmup"][i, max_w - w.shape[0]:] = w  # right-aligned at the boundary
             acc["real"][i, : s["real"].shape[0]] = s["real"]
             acc["sim"][i, : s["sim"].shape[0]] = s["sim"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN columns
             mean = {key: np.nanmean(a, axis=0) if a.shape[1] else a[0] for key, a in acc.items()}
-        _panel(ax, DIMENSIONS[dim], mean["warmup"], mean["real"], mean["sim"], dim)
-    fig.suptitle(
-        f"mean over {len(evs)} event(s): real (solid) vs {method} (dashed); x = bins from rollout start",
-        fontsize=10,
-    )
-    _save(fig, path)
-    return path
+        _shade_thin(ax, xs, thin)
+        _panel(ax, DIMENSIONS[dim], mean["warmup"], mean["real"], mean["sim"], dim, _xlabel(bins))
+    ax = axes[-1]
+    ax.bar(xs, n_events, width=0.8, color=np.where(thin, "0.75", "0.4"))
+    ax.axvline(-0.5, color="k", lw=0.8, ls=":")
+    P.style_axes(ax, _xlabel(bins), "events", "events behind each bin"
+                 + (f" (light: fewer than {enough})" if thin.any() else ""), ylim=(0, max(1, len(evs))),
+                 integer_x=True, integer_y=True)
+    return P.save(fig, path, dpi=_DPI)
+
+
+def _shade_thin(ax, xs: np.ndarray, thin: np.ndarray) -> None:
+    """Shade the runs of consecutive bins backed by too few events."""
+    i = 0
+    while i < len(xs):
+        if not thin[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(xs) and thin[j + 1]:
+            j += 1
+        P.shade_x(ax, xs[i] - 0.5, xs[j] + 0.5)
+        i = j + 1
 
 
 @dataclass(slots=True)
@@ -183,8 +187,10 @@ def write_plots(result: Evaluation, out_dir: Path, max_events: int | None = 50) 
     out_dir = Path(out_dir)
     method = result.metrics["method"]
     top_n = result.metrics["keywords_top_n"]
+    step_size = (result.run.config.get("sim") or {}).get("step_size")
+    bins = bin_description(result.metrics.get("binning"), step_size if isinstance(step_size, int) else None)
     evs = list(result.events.values())
-    files = PlotFiles(average=plot_average(evs, out_dir / "average.png", method))
+    files = PlotFiles(average=plot_average(evs, out_dir / "average.png", method, bins))
     chosen = evs if max_events is None else evs[: max(0, max_events)]
     used: set[str] = set()
     for ev in chosen:
@@ -192,5 +198,5 @@ def write_plots(result: Evaluation, out_dir: Path, max_events: int | None = 50) 
         while name in used:
             name += "_"
         used.add(name)
-        files.events[ev.event_id] = plot_event(ev, out_dir / f"event_{name}.png", method, top_n)
+        files.events[ev.event_id] = plot_event(ev, out_dir / f"event_{name}.png", method, top_n, bins)
     return files
