@@ -17,8 +17,10 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.95
+    # The crowd setting: a population simulator samples from the model's own distribution (sharpening it
+    # collapses the crowd onto the modal reaction; see SimConfig). Callers that want otherwise say so.
+    temperature: float = 1.0
+    top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 48
     stop: tuple[str, ...] = ()
