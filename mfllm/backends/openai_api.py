@@ -39,7 +39,7 @@ from mfllm.errors import BackendError, ConfigError
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # the openai SDK's set: never another 4xx
 
 
 class _Retryable(Exception):
@@ -102,7 +102,8 @@ class _RateLimiter:
 
 
 class OpenAIBackend:
-    """``OpenAIBackend(base_url="http://127.0.0.1:8000/v1", model="NAME")``.
+    """``OpenAIBackend(base_url="http://127.0.0.1:8000/v1", model="NAME")``; with no ``model``, the server's only
+    model (``GET /models``: the one entry without a ``parent``, so a server's LoRA adapters do not count).
 
     ``adapter_models={"policy": "served-lora-name"}`` maps ``GenerationRequest.adapter`` to the model name the
     server knows the LoRA by (vLLM: ``--lora-modules NAME=PATH``); without a mapping the adapter name itself is
@@ -114,7 +115,7 @@ class OpenAIBackend:
     def __init__(
         self,
         base_url: str,
-        model: str,
+        model: str | None = None,
         api: str = "completions",
         api_key_env: str = "OPENAI_API_KEY",
         api_key_file: str | os.PathLike | None = None,
@@ -133,8 +134,8 @@ class OpenAIBackend:
     ):
         if api not in ("completions", "chat"):
             raise ConfigError(f"api must be 'completions' or 'chat', not {api!r}", field="api")
-        if not base_url or not model:
-            raise ConfigError("base_url and model are required", field="base_url")
+        if not base_url:
+            raise ConfigError("base_url is required", field="base_url")
         if max_concurrency < 1:
             raise ConfigError("max_concurrency must be >= 1", field="max_concurrency")
         if rate_limit_rps is not None and rate_limit_rps <= 0:
@@ -161,6 +162,8 @@ class OpenAIBackend:
         self._rng = random.Random()
         self._lock = threading.Lock()
         self.__key = self._read_key()
+        if not self.model:
+            self.model = self._served_model()
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,6 +179,27 @@ class OpenAIBackend:
             return key or None
         key = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
         return key or None
+
+    def _served_model(self) -> str:
+        """The name of the server's only (base) model, from ``GET {base_url}/models``."""
+        import httpx
+
+        url = f"{self.base_url}/models"
+        try:
+            resp = httpx.get(url, headers=self._headers(), timeout=self.timeout_s)
+            resp.raise_for_status()
+            cards = [c for c in resp.json()["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+        except httpx.HTTPError as e:
+            raise BackendError("connection", self._scrub(f"cannot list the models of {url}: {e}")) from None
+        except (ValueError, KeyError, TypeError):
+            raise BackendError("bad_response", f"{url} did not return a model list") from None
+        names = [c["id"] for c in cards if not c.get("parent")]
+        if len(names) != 1:
+            raise ConfigError(
+                f"{url} serves {len(names)} models ({', '.join(names[:5]) or 'none'}): name one with --model",
+                field="model",
+            )
+        return names[0]
 
     def _scrub(self, text: str) -> str:
         key = self.__key
@@ -283,7 +307,7 @@ class OpenAIBackend:
             "model": model,
             "max_tokens": int(p.max_new_tokens),
             "temperature": float(max(0.0, p.temperature)),
-            "seed": int(req.seed),
+            "seed": int(req.seed),  # as is: the server maps it to its sampler (see mfllm.seeds)
             "n": 1,
         }
         if not p.greedy:

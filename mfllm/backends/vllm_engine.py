@@ -19,18 +19,12 @@ from typing import Any
 
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError, MfllmError
-
-_SEED_MASK = (1 << 63) - 1
+from mfllm.seeds import seed63
 
 
 def vllm_seed(seed: int, seed_base: int = 0) -> int:
-    """A non-negative 63-bit seed for vLLM from our (seed_base, seed)."""
-    s = int(seed) + int(seed_base)
-    if 0 <= s <= _SEED_MASK:
-        return s
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=8).digest(), "little") & _SEED_MASK
+    """A non-negative 63-bit seed for vLLM from our (seed_base, seed): :func:`mfllm.seeds.seed63`."""
+    return seed63(seed, seed_base)
 
 
 def sampling_kwargs(params: SamplingParams, seed: int, seed_base: int = 0) -> dict[str, Any]:
