@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
+from mfllm.evaluation.plots import MAX_KEYWORD_LINES, PlotFiles, keyword_legend
+from mfllm.files import atomic_write_text
 from mfllm.labels.dimensions import ALL_DIMENSIONS
-from mfllm.store.run import atomic_write_text
+from mfllm.plotting import has_cjk_font
 
 if TYPE_CHECKING:
     from mfllm.evaluation.evaluate import Evaluation
-    from mfllm.evaluation.plots import PlotFiles
 
 SAMPLE_LABELS = ("stance", "sentiment_tendency", "belief_degree")
 
@@ -170,8 +171,6 @@ def _samples(steps: list[dict], labels: dict, n: int) -> str:
 
 
 def _keywords_note(vocab: list[str]) -> str:
-    from mfllm.evaluation.plots import MAX_KEYWORD_LINES, keyword_legend
-
     if not vocab:
         return ""
     shown = vocab[:MAX_KEYWORD_LINES]
@@ -179,7 +178,9 @@ def _keywords_note(vocab: list[str]) -> str:
         (f"{_e(k)} = {_e(w)}" if k != w else _e(w))
         for k, w in zip(keyword_legend(tuple(shown)), shown, strict=True)
     )
-    return f"<p class='muted'>keywords panel: {pairs}; vocabulary ({len(vocab)}): {_e(' '.join(vocab))}</p>"
+    font = "" if has_cjk_font() else " (no Chinese font: install one, e.g. fonts-noto-cjk, to see the words)"
+    return (f"<p class='muted'>keywords panel: {pairs}{font}; vocabulary ({len(vocab)}): "
+            f"{_e(' '.join(vocab))}</p>")
 
 
 def render_report(
