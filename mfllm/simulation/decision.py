@@ -1,0 +1,132 @@
+"""Decide, then write: the short decision header a policy writes before its action text.
+
+A "decide" policy model (mfllm.training.decide) writes, on the action's line, a header of four label
+tokens and then the text, e.g. ``【评支信平】真的假的`` (comment, support, believe, calm). The header
+gives the model a short categorical decision that the mean field's label shares predict directly;
+the text follows it. The format is data (``prompts/<lang>/decision.json``), shared by training and
+inference.
+
+At inference the header is split off here: the simulated action is the text alone (evaluation labels
+the text, never the header) and the header's labels are kept beside it, so a run can report how often
+the header and the text's own labels agree. A malformed or absent header never breaks a run: the text
+is kept and the header recorded as missing (None).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+
+from mfllm.prompts.templates import PROMPTS_DIR, _check_lang
+
+# The dimensions a header decides, in header order.
+HEADER_DIMS: tuple[str, ...] = ("behavior_type", "stance", "belief_degree", "sentiment_state")
+MAX_HEADER_CHARS = 48  # a close marker further away than this is not a header's
+
+
+@cache
+def header_format(lang: str = "zh") -> dict:
+    """``decision.json`` of `lang`: open / close markers, separator and one token string per category."""
+    _check_lang(lang)
+    fmt = json.loads((PROMPTS_DIR / lang / "decision.json").read_text(encoding="utf-8"))
+    fmt["reverse"] = {dim: {tok: cat for cat, tok in cats.items()} for dim, cats in fmt["labels"].items()}
+    return fmt
+
+
+def render_header(labels: dict[str, str], lang: str = "zh") -> str:
+    """The header for a label dict (the 8-dimension labels of an action; only HEADER_DIMS are used)."""
+    fmt = header_format(lang)
+    return fmt["open"] + fmt["sep"].join(fmt["labels"][d][labels[d]] for d in HEADER_DIMS) + fmt["close"]
+
+
+@dataclass(slots=True)
+class Decision:
+    text: str  # the action's line without its header
+    labels: dict[str, str] | None  # the header's labels (HEADER_DIMS); None = missing or malformed
+    raw_header: str | None = None  # what stood in the header position, if anything (malformed ones too)
+
+
+def _parse_body(body: str, lang: str) -> dict[str, str] | None:
+    fmt = header_format(lang)
+    if fmt["sep"]:
+        parts = [p for p in body.split(fmt["sep"]) if p]
+    else:  # one token per dimension, each a known string: match greedily in order
+        parts, rest = [], body
+        for d in HEADER_DIMS:
+            hit = next((t for t in sorted(fmt["reverse"][d], key=len, reverse=True) if rest.startswith(t)), None)
+            if hit is None:
+                return None
+            parts.append(hit)
+            rest = rest[len(hit):]
+        if rest:
+            return None
+    if len(parts) != len(HEADER_DIMS):
+        return None
+    out = {}
+    for d, p in zip(HEADER_DIMS, parts, strict=True):
+        cat = fmt["reverse"][d].get(p.strip())
+        if cat is None:
+            return None
+        out[d] = cat
+    return out
+
+
+def _header_like(body: str, lang: str) -> bool:
+    """True when `body` is made only of label strings (and separators): a header, perhaps malformed."""
+    fmt = header_format(lang)
+    tokens = sorted({t for cats in fmt["labels"].values() for t in cats.values()}, key=len, reverse=True)
+    rest = body.strip()
+    while rest:
+        if fmt["sep"] and rest.startswith(fmt["sep"]):
+            rest = rest[len(fmt["sep"]):]
+            continue
+        hit = next((t for t in tokens if rest.startswith(t)), None)
+        if hit is None:
+            return False
+        rest = rest[len(hit):]
+    return True
+
+
+def split_header(line: str, lang: str = "zh") -> Decision:
+    """Split a generated action line into (header labels, text). Never raises.
+
+    A line that starts with the open marker and closes it within MAX_HEADER_CHARS has a header; the
+    text is what follows the close marker (leading spaces dropped). A header made of label strings but
+    not exactly one per dimension is recorded as missing (labels None) and still removed from the
+    text. Anything else (no header, or a bracket that holds other words) is all text.
+    """
+    fmt = header_format(lang)
+    s = line.lstrip()
+    if not s.startswith(fmt["open"]):
+        return Decision(text=line.strip(), labels=None)
+    end = s.find(fmt["close"], len(fmt["open"]))
+    if end < 0 or end > MAX_HEADER_CHARS:
+        return Decision(text=line.strip(), labels=None)
+    body = s[len(fmt["open"]):end]
+    if not _header_like(body, lang):  # e.g. a real text that starts with 【...】: not ours, keep it whole
+        return Decision(text=line.strip(), labels=None)
+    return Decision(text=s[end + len(fmt["close"]):].strip(), labels=_parse_body(body, lang), raw_header=s[: end + len(fmt["close"])])
+
+
+def header_agreement(decisions: list[Decision], text_labels: list) -> dict:
+    """How often a header's labels equal the labels of its own text (per dimension and all four).
+
+    `text_labels`: one ActionLabels (or None) per decision, from a labeler run on the decision's text.
+    Decisions without a header count as missing, not as disagreement.
+    """
+    n = missing = joint = 0
+    per = dict.fromkeys(HEADER_DIMS, 0)
+    for dec, lab in zip(decisions, text_labels, strict=True):
+        if dec.labels is None:
+            missing += 1
+            continue
+        if lab is None:
+            continue
+        n += 1
+        same = [dec.labels[d] == lab.labels.get(d) for d in HEADER_DIMS]
+        for d, ok in zip(HEADER_DIMS, same, strict=True):
+            per[d] += ok
+        joint += all(same)
+    return {"n": n, "missing": missing, "joint": joint / n if n else None,
+            "per_dimension": {d: (v / n if n else None) for d, v in per.items()}}

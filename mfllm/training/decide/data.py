@@ -1,0 +1,218 @@
+"""Training data of a decide policy: every post-warm-up action, packed per step after one shared prefix.
+
+An event is walked as the engine walks it (plan_steps, same step size and warm-up); at every rollout
+step the policy prompt is built with exactly the inference templates: the method's context (the
+compact stats mean field of the REAL preceding actions, step-lagged = teacher forcing, for `mf`),
+then per agent its state. The target is the decision header (labels of the real text by the rules
+labeler) followed by the real text, as the policy writes it at inference.
+
+Packing: a step's agents share the prefix (instructions, event, context), so a step becomes one row
+``prefix + agent_1 + agent_2 + ...`` whose attention mask lets each agent's segment see the prefix
+and itself only, with positions restarting after the prefix: the same loss as one row per agent
+(tests/test_decision_train.py checks it), for ~40 tokens per example instead of ~190.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mfllm.data.schema import Event
+from mfllm.data.state import agent_state_text
+from mfllm.labels.rules import RulesLabeler
+from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
+from mfllm.simulation.compact_meanfield import CompactStatsMeanField
+from mfllm.simulation.decision import render_header
+from mfllm.simulation.history import History
+from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldUpdate
+from mfllm.simulation.methods import METHODS, make_method
+from mfllm.simulation.steps import plan_steps
+
+TEXT_TOKENS = 48  # the engine's default max_new_tokens: text longer than this is clipped (no end token)
+
+
+@dataclass(slots=True)
+class StepText:
+    """One rollout step of one event, as text: the shared prefix and each agent's (state, header, text)."""
+
+    event_id: str
+    step: int
+    method: str
+    prefix: str
+    agents: list[tuple[str, str, str]]  # (prompt suffix = state + answer cue, header, target text)
+    labels: list[dict[str, str]]  # the rules labels of each agent's real text
+
+
+def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: int = 48,
+                meanfield: MeanFieldModel | None = None, labeler: RulesLabeler | None = None,
+                mix: dict[str, float] | None = None, rng: random.Random | None = None,
+                meanfield_for: dict | None = None) -> Iterator[StepText]:
+    """The rollout steps of one event with teacher-forced contexts.
+
+    `mix`: method -> probability, drawn once per step (default: all `mf`). `meanfield_for`: when a dict,
+    filled with step index -> the mean-field text the step read (the probe swaps these between events).
+    """
+    mf_model = meanfield or CompactStatsMeanField(lang=lang)
+    labeler = labeler or RulesLabeler()
+    mix = mix or {"mf": 1.0}
+    rng = rng or random.Random(0)
+    methods = {m: make_method(m) for m in mix}
+    names, weights = list(mix), list(mix.values())
+    history = History(window=max(m.history_window for m in METHODS.values()))
+    mf = mf_model.initial(lang)
+    for step in plan_steps(event.actions, step_size=step_size, warmup=warmup):
+        texts = [a.text for a in step.actions]
+        if step.phase == "rollout":
+            name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
+            prefix = policy_prefix(event.source.text, methods[name].context(history, mf.text, lang), lang)
+            labs = [lab.labels for lab in labeler.label(texts)]
+            agents = [(policy_suffix(agent_state_text(a.profile, lang, depth=a.depth), lang), render_header(lab, lang),
+                       action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
+            if meanfield_for is not None:
+                meanfield_for[step.index] = mf.text
+            yield StepText(event.event_id, step.index, name, prefix, agents, labs)
+        mf = mf_model.update_many([MeanFieldUpdate(event.source.text, mf, [("", t) for t in texts])])[0]
+        for a in step.actions:
+            history.add(a.action_id, a.text, a.parent, a.profile.followers, a.time)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@dataclass(slots=True)
+class StepTokens:
+    """A step in token ids (int16 arrays: the vocabulary is < 32k)."""
+
+    prefix: np.ndarray
+    suffixes: list[np.ndarray]
+    headers: list[np.ndarray]
+    texts: list[np.ndarray]  # target text + end token (clipped texts have no end token)
+
+
+def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: int = TEXT_TOKENS) -> list[StepTokens]:
+    """Token ids of each step; an agent whose prompt + target does not fit `max_len` is dropped.
+
+    The header and the text are encoded separately, so the header's tokens are the same in every
+    example (a BPE merge across the close marker would otherwise vary them).
+    """
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    prefixes = enc([s.prefix for s in steps])
+    flat = [a for s in steps for a in s.agents]
+    suf, hdr, txt = enc([a[0] for a in flat]), enc([a[1] for a in flat]), enc([a[2] for a in flat])
+    eos = tokenizer.eos_token_id
+    out, k = [], 0
+    for s, p in zip(steps, prefixes, strict=True):
+        st = StepTokens(np.asarray(p, np.int16), [], [], [])
+        for _ in s.agents:
+            t = txt[k][:text_tokens] if len(txt[k]) >= text_tokens else txt[k] + [eos]
+            if len(p) + len(suf[k]) + len(hdr[k]) + len(t) <= max_len:
+                st.suffixes.append(np.asarray(suf[k], np.int16))
+                st.headers.append(np.asarray(hdr[k], np.int16))
+                st.texts.append(np.asarray(t, np.int16))
+            k += 1
+        if st.suffixes:
+            out.append(st)
+    return out
+
+
+def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
+                      mix: dict[str, float] | None = None, chunk: int = 200) -> list[StepTokens]:
+    """Every rollout step of `events`, tokenized (in chunks of events, so the text never piles up)."""
+    rng = random.Random(seed)
+    mf_model, labeler = CompactStatsMeanField(lang=lang), RulesLabeler()
+    out: list[StepTokens] = []
+    buf: list[StepText] = []
+    for ev in events:
+        buf.extend(event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng))
+        if len(buf) >= chunk * 8:
+            out.extend(tokenize_steps(tokenizer, buf, max_len))
+            buf = []
+    out.extend(tokenize_steps(tokenizer, buf, max_len))
+    return out
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass(slots=True)
+class Packed:
+    """A batch of packed rows, ready for `packed_nll`."""
+
+    ids: torch.Tensor  # [B, L] token ids (pad 0)
+    pos: torch.Tensor  # [B, L] position ids (restart after the prefix in every segment)
+    mask: torch.Tensor  # [B, 1, L, L] bool, True = may attend
+    src: torch.Tensor  # [N] flat index (b * L + j) of the position whose logits predict a target token
+    tgt: torch.Tensor  # [N] the target token
+    weight: torch.Tensor  # [N] loss weight
+    part: torch.Tensor  # [N] 0 = header token, 1 = text token
+    seg: torch.Tensor  # [N] which example (global index over the batch's agents, in order)
+    n_examples: int
+
+
+def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.ndarray] | None = None) -> Packed:
+    """Pack steps into rows (one per step). `prefixes` replaces each step's prefix (probe: another context)."""
+    rows = []
+    for i, st in enumerate(steps):
+        p = prefixes[i] if prefixes is not None else st.prefix
+        rows.append((p, st))
+    lengths = [len(p) + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, st.headers, st.texts, strict=True))
+               for p, st in rows]
+    B, L = len(rows), max(lengths)
+    ids = np.zeros((B, L), np.int64)
+    pos = np.zeros((B, L), np.int64)
+    segid = np.full((B, L), -1, np.int64)
+    src, tgt, weight, part, seg = [], [], [], [], []
+    ex = 0
+    for b, (p, st) in enumerate(rows):
+        P = len(p)
+        ids[b, :P] = p
+        pos[b, :P] = np.arange(P)
+        segid[b, :P] = 0
+        j = P
+        for k, (s, h, t) in enumerate(zip(st.suffixes, st.headers, st.texts, strict=True)):
+            toks = np.concatenate([s, h, t]).astype(np.int64)
+            n = len(toks)
+            ids[b, j:j + n] = toks
+            pos[b, j:j + n] = np.arange(P, P + n)
+            segid[b, j:j + n] = k + 1
+            first = j + len(s)  # first header token
+            for q in range(first, j + n):
+                src.append(b * L + q - 1)
+                tgt.append(ids[b, q])
+                hdr = q < first + len(h)
+                part.append(0 if hdr else 1)
+                weight.append(header_weight if hdr else 1.0)
+                seg.append(ex)
+            ex += 1
+            j += n
+    sid = torch.from_numpy(segid)
+    q_seg, k_seg = sid[:, :, None], sid[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()[None]
+    mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+    mask |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty softmax)
+    return Packed(torch.from_numpy(ids), torch.from_numpy(pos), mask[:, None], torch.tensor(src), torch.tensor(tgt),
+                  torch.tensor(weight, dtype=torch.float32), torch.tensor(part), torch.tensor(seg), ex)
+
+
+def packed_nll(model, batch: Packed) -> torch.Tensor:
+    """NLL of every target token of a packed batch ([N], same order as batch.tgt).
+
+    The LM head runs only at the positions that predict a target (most of a row is prompt).
+    """
+    out = model.model(input_ids=batch.ids, position_ids=batch.pos, attention_mask=batch.mask, use_cache=False)
+    h = out.last_hidden_state.reshape(-1, out.last_hidden_state.size(-1))[batch.src]
+    logits = model.lm_head(h).float()
+    return torch.nn.functional.cross_entropy(logits, batch.tgt, reduction="none")
+
+
+def packed_logits(model, batch: Packed) -> torch.Tensor:
+    out = model.model(input_ids=batch.ids, position_ids=batch.pos, attention_mask=batch.mask, use_cache=False)
+    h = out.last_hidden_state.reshape(-1, out.last_hidden_state.size(-1))[batch.src]
+    return model.lm_head(h).float()

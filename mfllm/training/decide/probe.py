@@ -1,0 +1,175 @@
+"""Does a policy read the mean field? Per-action NLL of real actions under their own vs another event's.
+
+Teacher-forced on VAL events: at each rollout step the policy reads the mean field of the REAL
+preceding actions (step-lagged, as in warm-up). Conditions: ``own`` (the event's own mean field),
+``other`` (another val event's mean field at the same step, or its last one: the event text stays
+the event's own), ``empty`` (the empty mean field). The context gain is NLL(other) - NLL(own) per
+action, with a paired per-event interval. For a decide model it is also split into header and text,
+and the header's teacher-forced accuracy against the rules labels is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+
+from mfllm.data.schema import Event
+from mfllm.labels.rules import RulesLabeler
+from mfllm.prompts.templates import policy_prefix, render_context, strings
+from mfllm.simulation.compact_meanfield import CompactStatsMeanField
+from mfllm.simulation.decision import HEADER_DIMS, header_format
+from mfllm.simulation.meanfield import StatsMeanField
+from mfllm.training.decide.data import StepText, event_steps, pack, packed_logits, tokenize_steps
+
+CONDITIONS = ("own", "other", "empty")
+
+
+def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
+                max_agents: int = 64) -> tuple[list[StepText], dict[str, dict[str, str]]]:
+    """The first `max_agents` rollout agents of each event, with the mean field each step read."""
+    mf_model = CompactStatsMeanField(lang=lang) if compact else StatsMeanField(lang=lang)
+    labeler = RulesLabeler()
+    steps, reads = [], {}
+    for ev in events:
+        seen, got = 0, {}
+        for st in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, meanfield_for=got):
+            if seen >= max_agents:
+                break
+            keep = max_agents - seen
+            st.agents, st.labels = st.agents[:keep], st.labels[:keep]
+            if not header:
+                st.agents = [(s, "", t) for s, _, t in st.agents]
+            seen += len(st.agents)
+            steps.append(st)
+        reads[ev.event_id] = got
+    return steps, reads
+
+
+def _prefixes(tokenizer, steps: list[StepText], events: dict[str, Event], reads: dict, cond: str, lang: str,
+              donor: dict[str, str]) -> list[np.ndarray]:
+    empty = strings(lang)["empty_meanfield"]
+    texts = []
+    for st in steps:
+        if cond == "own":
+            mf = reads[st.event_id][st.step]
+        elif cond == "empty":
+            mf = empty
+        else:
+            d = reads[donor[st.event_id]]
+            mf = d.get(st.step, d[max(d)])
+        texts.append(policy_prefix(events[st.event_id].source.text, render_context("mf", lang, meanfield=mf), lang))
+    return [np.asarray(p, np.int64) for p in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _label_token_ids(tokenizer, lang: str) -> list[dict[str, int]] | None:
+    """Per header slot: category -> its single token id; None when a label is not one token."""
+    fmt = header_format(lang)
+    out = []
+    for d in HEADER_DIMS:
+        ids = {c: tokenizer(t, add_special_tokens=False)["input_ids"] for c, t in fmt["labels"][d].items()}
+        if any(len(v) != 1 for v in ids.values()):
+            return None
+        out.append({c: v[0] for c, v in ids.items()})
+    return out
+
+
+@torch.no_grad()
+def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
+              max_agents: int = 64, rows_per_batch: int = 4, conditions: tuple[str, ...] = CONDITIONS,
+              seed: int = 0) -> dict:
+    """The probe's numbers (see the module docstring). `events`: val events, at least 2."""
+    was_training = model.training
+    model.eval()
+    evmap = {e.event_id: e for e in events}
+    steps, reads = probe_steps(events, lang=lang, header=header, compact=compact, max_agents=max_agents)
+    ids = [e.event_id for e in events if reads.get(e.event_id)]
+    order = ids[:]
+    random.Random(seed).shuffle(order)
+    donor = {e: order[(i + 1) % len(order)] for i, e in enumerate(order)}
+    toks = tokenize_steps(tokenizer, steps, max_len=10_000)  # no drop: every condition scores the same targets
+    slot_ids = _label_token_ids(tokenizer, lang) if header else None
+    res: dict[str, dict] = {}
+    ev_of = [st.event_id for st, tk in zip(steps, toks, strict=True) for _ in tk.suffixes]
+    labels = [lab for st in steps for lab in st.labels]
+    for cond in conditions:
+        pref = _prefixes(tokenizer, steps, evmap, reads, cond, lang, donor)
+        hdr, txt, hits = [], [], []
+        for i in range(0, len(toks), rows_per_batch):
+            b = pack(toks[i:i + rows_per_batch], prefixes=pref[i:i + rows_per_batch])
+            logits = packed_logits(model, b)
+            nll = torch.nn.functional.cross_entropy(logits, b.tgt, reduction="none")
+            h = torch.zeros(b.n_examples).index_add_(0, b.seg, nll * (b.part == 0))
+            t = torch.zeros(b.n_examples).index_add_(0, b.seg, nll * (b.part == 1))
+            hdr += h.tolist()
+            txt += t.tolist()
+            if slot_ids is not None:
+                hits += _slot_hits(logits, b, slot_ids, header_format(lang))
+        res[cond] = {"header": np.array(hdr), "text": np.array(txt), "hits": hits}
+    out: dict = {"events": len(ids), "actions": len(ev_of), "header": header, "compact_meanfield": compact,
+                 "nll_per_action": {}, "gain": {}}
+    for cond, r in res.items():
+        out["nll_per_action"][cond] = {"total": float((r["header"] + r["text"]).mean()),
+                                       "header": float(r["header"].mean()), "text": float(r["text"].mean())}
+    evs = np.array(ev_of)
+    for a, b in (("own", "other"), ("own", "empty")):
+        if a not in res or b not in res:
+            continue
+        for part in ("total", "header", "text"):
+            da = _part(res[b], part) - _part(res[a], part)  # > 0: own context helps
+            per_event = np.array([da[evs == e].mean() for e in ids])
+            se = per_event.std(ddof=1) / math.sqrt(len(ids))
+            out["gain"][f"{b}-{a}:{part}"] = {"mean_per_action": float(da.mean()), "per_event_mean": float(per_event.mean()),
+                                              "ci95": [float(per_event.mean() - 1.96 * se), float(per_event.mean() + 1.96 * se)],
+                                              "events_better": float((per_event > 0).mean())}
+    if slot_ids is not None and "own" in res:
+        out["header_accuracy"] = _accuracy(res["own"]["hits"], labels)
+    return _restore(model, was_training, out)
+
+
+def _restore(model, was_training: bool, out: dict) -> dict:
+    if was_training:
+        model.train()
+    return out
+
+
+def _part(r: dict, part: str) -> np.ndarray:
+    return r["header"] + r["text"] if part == "total" else r[part]
+
+
+def _slot_hits(logits: torch.Tensor, b, slot_ids: list[dict[str, int]], fmt: dict) -> list[list[str]]:
+    """Per example: the argmax category of each header slot among that slot's labels (teacher-forced)."""
+    open_len = 1  # the open marker is one token in the formats whose labels are single tokens
+    out = []
+    hdr_pos = torch.nonzero(b.part == 0).flatten().tolist()
+    by_seg: dict[int, list[int]] = {}
+    for p in hdr_pos:
+        by_seg.setdefault(int(b.seg[p]), []).append(p)
+    for ex in range(b.n_examples):
+        pos = by_seg.get(ex, [])[open_len:open_len + len(HEADER_DIMS)]
+        pred = []
+        for slot, p in zip(slot_ids, pos, strict=False):
+            cats = list(slot)
+            vals = logits[p, [slot[c] for c in cats]]
+            pred.append(cats[int(vals.argmax())])
+        out.append(pred)
+    return out
+
+
+def _accuracy(preds: list[list[str]], labels: list[dict[str, str]]) -> dict:
+    per = Counter()
+    joint = 0
+    majority = {d: Counter(lab[d] for lab in labels).most_common(1)[0][0] for d in HEADER_DIMS}
+    base = Counter()
+    for p, lab in zip(preds, labels, strict=True):
+        ok = [len(p) > i and p[i] == lab[d] for i, d in enumerate(HEADER_DIMS)]
+        for d, o in zip(HEADER_DIMS, ok, strict=True):
+            per[d] += o
+            base[d] += lab[d] == majority[d]
+        joint += all(ok)
+    n = len(labels) or 1
+    return {"teacher_forced_slot_accuracy": {d: per[d] / n for d in HEADER_DIMS}, "all_four": joint / n,
+            "majority_class_accuracy": {d: base[d] / n for d in HEADER_DIMS}}

@@ -1,0 +1,210 @@
+"""Train a decide policy: fine-tune mfllm-mini to write a decision header, then the action, reading the mean field.
+
+    train_decide(DecideConfig(data="../shared/data/ced", out="mfllm/assets/models/mfllm-decide"))
+
+Data (mfllm.training.decide.data): every post-warm-up action of every TRAIN-split event, its step's
+agents packed after one shared prefix; the prompt is the exact policy prompt of the drawn method
+(mf with the compact stats mean field of the real preceding actions, or state / recent / popular, so
+the baselines get the same model); the target is ``header + text``. Nothing is fitted on val or test
+events: val events only feed the probe (mfllm.training.decide.probe) in the log.
+
+Starting from the shipped mfllm-mini weights (and its tokenizer) matters: the same budget from
+scratch learned nothing (issue 14). Checkpoints every `ckpt_every` steps; a killed run resumes where
+it stopped with the same batch order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from mfllm.files import atomic_write_json, atomic_write_text
+from mfllm.paths import DEFAULT_MODEL
+from mfllm.simulation.compact_meanfield import NAME as COMPACT_MEANFIELD
+from mfllm.training.decide.data import StepTokens, build_step_tokens, pack, packed_nll
+from mfllm.training.decide.probe import run_probe
+from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
+
+POLICY_FILE = "mfllm_policy.json"  # what a model folder tells the simulator: header format, mean field
+DEFAULT_MIX = {"mf": 0.7, "state": 0.1, "recent": 0.1, "popular": 0.1}
+
+
+class DecideConfig(BaseModel):
+    data: str
+    out: str
+    init: str = Field(str(DEFAULT_MODEL), description="weights + tokenizer to fine-tune")
+    seed: int = 1234
+    lang: Literal["zh", "en"] = "zh"
+    mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))
+    steps: int = Field(1200, ge=1, description="optimizer steps")
+    rows_per_step: int = Field(3, ge=1, description="packed event-steps (~16 actions each) per optimizer step")
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    header_weight: float = Field(2.0, ge=0, description="loss weight of the header tokens (text tokens: 1)")
+    max_train_events: int | None = None
+    probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
+    probe_every: int = 200
+    ckpt_every: int = 100
+    threads: int | None = 2
+
+
+def _lr(cfg: DecideConfig, s: int) -> float:
+    if s < cfg.warmup_steps:
+        return cfg.lr * (s + 1) / cfg.warmup_steps
+    frac = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def _batches(steps: list[StepTokens], cfg: DecideConfig) -> list[list[int]]:
+    """The whole run's batch order, fixed by the seed: rows of similar length batched (little padding)."""
+    rng = random.Random(cfg.seed + 2)
+    lengths = [len(s.prefix) + sum(len(a) + len(b) + len(c) for a, b, c in zip(s.suffixes, s.headers, s.texts, strict=True))
+               for s in steps]
+    order: list[list[int]] = []
+    while len(order) < cfg.steps:
+        idx = list(range(len(steps)))
+        rng.shuffle(idx)
+        chunk = cfg.rows_per_step * 50
+        part = []
+        for i in range(0, len(idx), chunk):
+            c = sorted(idx[i:i + chunk], key=lambda j: lengths[j])
+            part += [c[k:k + cfg.rows_per_step] for k in range(0, len(c), cfg.rows_per_step)]
+        rng.shuffle(part)
+        order += part
+    return order[: cfg.steps]
+
+
+def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> tuple[list[StepTokens], dict]:
+    path = work / "steps.pkl"
+    if path.exists():
+        with open(path, "rb") as f:  # our own cache, written below
+            return pickle.load(f)
+    t0 = time.time()
+    events = load_split(cfg.data, "train", cfg.max_train_events)
+    steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix)
+    info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
+            "train_steps": len(steps), "train_examples": sum(len(s.suffixes) for s in steps),
+            "build_seconds": round(time.time() - t0, 1)}
+    log(f"data: {info}")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((steps, info), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return steps, info
+
+
+def train_decide(cfg: DecideConfig, log=print) -> dict:
+    # transformers is heavy: imported here so that importing the config stays cheap
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work = out / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
+    max_len = AutoModelForCausalLM.from_pretrained(cfg.init).config.max_position_embeddings
+    steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
+    val_events = load_split(cfg.data, "val")
+    probe_events = [e for e in val_events if len(e.actions) >= 64][: cfg.probe_events]
+
+    def opt_factory(m):
+        decay = [p for _, p in m.named_parameters() if p.dim() >= 2]
+        no_decay = [p for _, p in m.named_parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    ckpt = work / "checkpoint"
+    old_ckpt = ckpt.with_name(ckpt.name + ".old")
+    if not ckpt.exists() and (old_ckpt / "progress.json").exists():  # killed between save_checkpoint's renames
+        os.replace(old_ckpt, ckpt)
+    if (ckpt / "progress.json").exists():
+        model, opt, start, history = load_checkpoint(ckpt, AutoModelForCausalLM, opt_factory)
+        log(f"resumed at step {start}")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        opt = opt_factory(model)
+        start, history = 0, []
+    model.train()
+    order = _batches(steps, cfg)
+    seen = history[-1]["examples"] if history else 0
+    train_s = history[-1]["train_seconds"] if history else 0.0
+    t_last = time.time()
+    for s in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, s)
+        batch = pack([steps[i] for i in order[s]], header_weight=cfg.header_weight)
+        nll = packed_nll(model, batch)
+        loss = (nll * batch.weight).sum() / batch.n_examples  # weighted NLL per action
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += batch.n_examples
+        now = time.time()
+        train_s += now - t_last
+        row = {"step": s + 1, "loss": round(loss.item(), 4), "lr": round(_lr(cfg, s), 6), "examples": seen,
+               "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
+        if (s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps:
+            p = run_probe(model, tokenizer, probe_events, lang=cfg.lang, conditions=("own", "other"))
+            row["probe"] = {"gain_total": round(p["gain"]["other-own:total"]["mean_per_action"], 4),
+                            "gain_header": round(p["gain"]["other-own:header"]["mean_per_action"], 4),
+                            "nll_own": round(p["nll_per_action"]["own"]["total"], 4),
+                            "header_nll_own": round(p["nll_per_action"]["own"]["header"], 4),
+                            "all_four": round(p["header_accuracy"]["all_four"], 4)}
+        history.append(row)
+        if (s + 1) % 10 == 0 or "probe" in row:
+            log(json.dumps(row))
+        if (s + 1) % cfg.ckpt_every == 0 and s + 1 < cfg.steps:
+            save_checkpoint(ckpt, model, opt, s + 1, history)
+        t_last = time.time()
+    save_checkpoint(ckpt, model, opt, cfg.steps, history)
+    return export(cfg, model, tokenizer, history, data_info, time.time() - t_start)
+
+
+def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: dict, total_seconds: float,
+           out: str | None = None) -> dict:
+    """Write the model folder: float16 safetensors, tokenizer, policy file, curve and training_info.json."""
+    dest = Path(out or cfg.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = "float16"  # halves the file; backends load it as float32 on CPU
+    model.to("cpu").half().save_pretrained(dest, safe_serialization=True)
+    model.float()
+    tokenizer.save_pretrained(dest)
+    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": COMPACT_MEANFIELD, "lang": cfg.lang})
+    keys = ["step", "loss", "lr", "examples", "train_seconds", "examples_per_s"]
+    lines = [",".join([*keys, "probe_gain_total", "probe_gain_header"])]
+    for h in history:
+        p = h.get("probe", {})
+        lines.append(",".join([*(str(h[k]) for k in keys), str(p.get("gain_total", "")), str(p.get("gain_header", ""))]))
+    atomic_write_text(dest / "loss_curve.csv", "\n".join(lines) + "\n")
+    last = history[-1] if history else {}
+    info = {"config": cfg.model_dump(), "data": data_info, "parameters": sum(p.numel() for p in model.parameters()),
+            "steps_done": last.get("step", 0), "examples_seen": last.get("examples", 0),
+            "train_seconds": last.get("train_seconds"), "examples_per_s": last.get("examples_per_s"),
+            "total_seconds": round(total_seconds, 1), "threads": torch.get_num_threads(),
+            "probes": [dict(step=h["step"], **h["probe"]) for h in history if "probe" in h]}
+    atomic_write_json(dest / "training_info.json", info)
+    shutil.rmtree(dest / "_work", ignore_errors=True) if out is None and last.get("step") == cfg.steps else None
+    return info
+
+
+if __name__ == "__main__":  # python -m mfllm.training.decide.train '{"data": ..., "out": ...}' (JSON config)
+    import sys
+
+    train_decide(DecideConfig.model_validate_json(sys.argv[1]), log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))

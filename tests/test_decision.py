@@ -1,0 +1,134 @@
+"""Decide, then write: the decision header (parse / strip), the compact stats mean field, packed training
+(same loss as unpacked) and the context-gain probe, on real shipped data and the real mfllm-mini."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mfllm.data.load import load_events
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.rules import RulesLabeler
+from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+from mfllm.simulation.compact_meanfield import CompactStatsMeanField
+from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement, render_header, split_header
+from mfllm.simulation.meanfield import MeanFieldUpdate, StatsMeanField
+
+LABELS = {"behavior_type": "comment", "stance": "oppose", "belief_degree": "doubt", "sentiment_state": "angry"}
+
+
+@pytest.fixture(scope="module")
+def events():
+    return load_events(SAMPLE_DATA, limit=3).events
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_header_round_trip(lang):
+    h = render_header(LABELS, lang)
+    d = split_header(h + " 真的假的", lang)
+    assert d.labels == LABELS and d.text == "真的假的" and d.raw_header == h
+
+
+@pytest.mark.parametrize(("line", "text", "has_raw"), [
+    ("【评支】还行", "还行", True),  # malformed (two labels): stripped, recorded as missing
+    ("【转评支信平】x", "x", True),  # five labels
+    ("没有头部的评论", "没有头部的评论", False),
+    ("【转载】新闻原文", "【转载】新闻原文", False),  # a real bracket, not label tokens: kept as text
+    ("【评支信", "【评支信", False),  # never closed
+    ("", "", False),
+])
+def test_malformed_or_missing_header_keeps_text(line, text, has_raw):
+    d = split_header(line, "zh")
+    assert d.labels is None and d.text == text and (d.raw_header is not None) == has_raw
+
+
+def test_repost_header_and_labels_of_plain_repost():
+    lab = RulesLabeler().label_one("转发微博").labels
+    d = split_header(render_header(lab, "zh") + "[转发]", "zh")
+    assert d.labels == {k: lab[k] for k in HEADER_DIMS} and d.text == "[转发]"
+    assert d.labels["behavior_type"] == "share"
+
+
+def test_header_agreement_counts_missing_apart():
+    decs = [Decision("a", dict(LABELS)), Decision("b", dict(LABELS, stance="support")), Decision("c", None)]
+    labs = [ActionLabels(dict(LABELS)), ActionLabels(dict(LABELS)), ActionLabels(dict(LABELS))]
+    ag = header_agreement(decs, labs)
+    assert ag["n"] == 2 and ag["missing"] == 1 and ag["joint"] == 0.5
+    assert ag["per_dimension"]["stance"] == 0.5 and ag["per_dimension"]["behavior_type"] == 1.0
+
+
+def test_compact_meanfield_has_the_stats_shares(events):
+    ev = events[0]
+    pairs = [("", a.text) for a in ev.actions[:48]]
+    full = StatsMeanField("zh")
+    comp = CompactStatsMeanField("zh")
+    a = full.update_many([MeanFieldUpdate(ev.source.text, full.initial("zh"), pairs)])[0]
+    b = comp.update_many([MeanFieldUpdate(ev.source.text, comp.initial("zh"), pairs)])[0]
+    assert a.data == b.data  # same state, only the text differs
+    counts = b.data["counts"]["behavior_type"]
+    share = round(100 * counts["share"] / sum(counts.values()))
+    assert b.text.startswith(f"已有48人：转{share}评{100 - share}|")
+    stance = b.data["counts"]["stance"]
+    assert f"中{round(100 * stance['neutral'] / sum(stance.values()))}|" in b.text  # the stance's neutral
+    assert comp.initial("zh").text == full.initial("zh").text
+
+
+def test_training_steps_read_the_step_lagged_meanfield(events):
+    from mfllm.training.decide.data import event_steps
+
+    ev = events[0]
+    reads: dict = {}
+    steps = list(event_steps(ev, meanfield_for=reads))
+    assert steps and all(len(s.agents) == len(s.labels) for s in steps)
+    assert "【舆论】已有48人：" in steps[0].prefix  # the first rollout step has seen exactly the 48 warm-up actions
+    assert "已有64人：" in reads[steps[1].step]
+    suffix, header, text = steps[0].agents[0]
+    assert split_header(header + text).labels == {k: steps[0].labels[0][k] for k in HEADER_DIMS}
+
+
+def test_packed_loss_equals_unpacked(events):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from mfllm.training.decide.data import event_steps, pack, packed_nll, tokenize_steps
+
+    tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    steps = [s for ev in events[:2] for s in event_steps(ev)][:2]
+    for s in steps:
+        s.agents, s.labels = s.agents[:5], s.labels[:5]
+    toks = tokenize_steps(tok, steps, max_len=320)
+    b = pack(toks, header_weight=2.0)
+    assert b.n_examples == sum(len(t.suffixes) for t in toks)
+    with torch.no_grad():
+        packed = packed_nll(model, b)
+        ref = []
+        for t in toks:
+            for su, h, x in zip(t.suffixes, t.headers, t.texts, strict=True):
+                ids = torch.tensor(np.concatenate([t.prefix, su, h, x]).astype(np.int64))[None]
+                logits = model(input_ids=ids).logits[0].float()
+                start = len(t.prefix) + len(su)
+                ref.append(torch.nn.functional.cross_entropy(logits[start - 1:-1], ids[0, start:], reduction="none"))
+    ref = torch.cat(ref)
+    assert packed.shape == ref.shape
+    assert torch.allclose(packed, ref, atol=1e-4)
+    assert float(b.weight[b.part == 0].unique()) == 2.0 and float(b.weight[b.part == 1].unique()) == 1.0
+
+
+def test_probe_reports_gain_per_action(events):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from mfllm.training.decide.probe import run_probe
+
+    tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    out = run_probe(model, tok, events, max_agents=8)
+    assert out["events"] == len(events) and out["actions"] == 8 * len(events)
+    own, other = out["nll_per_action"]["own"], out["nll_per_action"]["other"]
+    assert own["total"] == pytest.approx(own["header"] + own["text"])
+    g = out["gain"]["other-own:total"]
+    assert g["mean_per_action"] == pytest.approx(other["total"] - own["total"], abs=1e-6)
+    acc = out["header_accuracy"]
+    assert set(acc["teacher_forced_slot_accuracy"]) == set(HEADER_DIMS) and 0 <= acc["all_four"] <= 1
+    plain = run_probe(model, tok, events, max_agents=8, header=False, compact=False, conditions=("own", "other"))
+    assert plain["nll_per_action"]["own"]["header"] == 0 and "header_accuracy" not in plain
