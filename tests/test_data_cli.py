@@ -171,3 +171,21 @@ def test_progress_bar_on_a_terminal_and_quiet(monkeypatch):
     monkeypatch.setenv("TTY_INTERACTIVE", "0")
     r = runner.invoke(data_app, ["events", str(FIX / "ced"), "--format", "json"])
     assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)
+
+
+def test_stats_impossible_timestamp_as_a_real_process(cli):
+    """The same through a real `mfllm` process (the issue's done-when): exit 0, the event kept."""
+    res = cli.run("data", "stats", FIX / "ced_clock", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "error:" not in res.stderr
+    assert "dropped  time_before_source 1" in res.stdout and "42.3 hours before the source post" in res.stderr
+
+
+def test_convert_keeps_the_event_without_the_bad_row(tmp_path):
+    out = tmp_path / "clock.jsonl"
+    r = runner.invoke(data_app, ["convert", str(FIX / "ced_clock"), "--to", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "wrote 1 events (20 actions)" in r.stdout and "dropped in 1 file(s)" in r.stderr
+    (ev,) = load_events(out).events
+    assert len(ev.actions) == 20 and ev.dropped is None  # the file holds only the kept rows
+    assert "9spkMP" not in {a.action_id for a in ev.actions}
