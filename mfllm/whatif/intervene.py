@@ -83,8 +83,7 @@ def intervene(event: Event, spec: Any, out: str | Path, *, observe: int = 48, ho
         plot_trajectories(out / "trajectories.png", {"baseline": tb, "intervened": ti}, bin_steps,
                           title=f"{event.event_id}: baseline vs intervened ({runs} paired runs)",
                           marker_step=result["intervention"]["start_step"], total=horizon)
-        plot_effects(out / "effects.png", result, title=f"{event.event_id}: effect of the intervention "
-                                                         "(intervened - baseline, 95% interval)")
+        plot_effects(out / "effects.png", result, title=f"{event.event_id}: effect of the intervention (intervened - baseline)")
         result["plots"] = ["trajectories.png", "effects.png"]
     atomic_write_json(out / "effects.json", result)
     atomic_write_text(out / "effects.md", effects_markdown(result))
