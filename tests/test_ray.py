@@ -70,6 +70,21 @@ def local_records(events):
     return be, out
 
 
+def test_sim_worker_streams_the_local_records_without_ray(events, local_records):
+    """What each actor of run_events_parallel runs (plain Python, no Ray needed): a Simulator over its own
+    backend, streaming the single-process run's records, then a summary; a bad backend comes back as data."""
+    from mfllm.backends.ray_pool import BackendSpec, restore_error
+    from mfllm.simulation.ray_runner import SimWorker
+
+    _, local_recs = local_records
+    items = list(SimWorker(BackendSpec("hf", {k: v for k, v in SPEC.items() if k != "name"})).simulate(
+        events, SimConfig(**CFG).model_dump(), {}, None))
+    assert "__summary__" in items[-1] and items[-1]["__summary__"]["events"] == len(events)
+    assert _strip(items[:-1]) == _strip(local_recs)
+    bad = list(SimWorker(BackendSpec("hf", {"model": "/nonexistent-model"})).simulate(events, {}, {}, None))
+    assert len(bad) == 1 and isinstance(restore_error(bad[0]), ConfigError)
+
+
 def test_ray_backend_matches_local(cluster, events, local_records):
     from mfllm.backends.ray_pool import RayBackend
 
@@ -93,7 +108,7 @@ def test_ray_backend_matches_local(cluster, events, local_records):
 
 
 def test_run_events_parallel_matches_local_and_resumes(cluster, events, local_records, tmp_path):
-    from mfllm.backends.ray_pool import run_events_parallel
+    from mfllm.simulation.ray_runner import run_events_parallel
 
     _, local_recs = local_records
     out = tmp_path / "par"

@@ -1,7 +1,7 @@
 """Scale out with Ray (optional: ``pip install mfllm[ray]``).
 
-Two ways, both giving the same records as a single-process run with a local seeded model (every request
-carries its own seed and ``hf`` samples batch-invariantly, so where a request runs does not matter):
+Replicas of a backend, giving the same records as a single-process run with a local seeded model (every
+request carries its own seed and ``hf`` samples batch-invariantly, so where a request runs does not matter):
 
 * :class:`RayBackend` implements the Backend interface over N Ray actors, each holding its own backend
   (e.g. an ``HFBackend`` or a ``VLLMBackend`` of the same model, one per GPU). A huge step's requests are cut
@@ -14,9 +14,8 @@ carries its own seed and ``hf`` samples batch-invariantly, so where a request ru
   From the command line: ``mfllm simulate --backend ray:vllm --model ...`` (``ray:hf`` on CPUs);
   replicas default to the cluster's GPUs (one each), else its CPUs (``MFLLM_RAY_REPLICAS`` overrides).
 
-* :func:`run_events_parallel` shards *events* across N actors, each running its own ``Simulator`` with its own
-  backend on a chunk of events; their step records stream back to the driver, which appends them to ONE
-  run directory (the same layout ``mfllm simulate`` writes: export / evaluate / resume work on it).
+Sharding *events* across actors, each with its own Simulator, into one run directory is the simulation's
+job: :func:`mfllm.simulation.ray_runner.run_events_parallel` (built on the pieces here).
 
 Ray connects to ``address`` if given, else to ``RAY_ADDRESS`` or a cluster started on this machine with
 ``ray start --head``, else starts a local one (``ray.init()``'s rules). If you called ``ray.init`` yourself,
@@ -25,32 +24,30 @@ that session is used.
 
 from __future__ import annotations
 
+import importlib
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest
+from mfllm.backends.factory import build_backend
 from mfllm.errors import BackendError, ConfigError, MfllmError
+from mfllm.paths import DEFAULT_MODEL
 
 INSTALL_HINT = "Ray is not installed: pip install 'mfllm[ray]'  (or: pip install 'ray[default]')"
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """How each actor builds its backend: ``make_backend(name, **options)`` (picklable, built remotely)."""
+    """How each actor builds its backend: ``build_backend(name, **options)`` (picklable, built remotely)."""
 
     name: str = "hf"
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self):
-        from mfllm.backends.registry import make_backend
-
-        return make_backend(self.name, **dict(self.options))
+        return build_backend(self.name, **dict(self.options))
 
 
 def as_spec(spec: Any) -> BackendSpec | Callable[[], Any]:
@@ -85,15 +82,13 @@ def ensure_ray(address: str | None = None, **init_kwargs):
     return ray
 
 
-def _portable(e: BaseException) -> dict:
+def portable_error(e: BaseException) -> dict:
     """An exception as plain data (our errors take several __init__ arguments, which pickling loses)."""
     return {"__error__": [type(e).__module__, type(e).__qualname__, [str(a) for a in e.args],
                           {k: v for k, v in vars(e).items() if isinstance(v, (str, int, float, type(None)))}]}
 
 
-def _restore(d: dict) -> Exception:
-    import importlib
-
+def restore_error(d: dict) -> Exception:
     mod, name, args, attrs = d["__error__"]
     try:
         cls = importlib.import_module(mod)
@@ -109,13 +104,13 @@ def _restore(d: dict) -> Exception:
         return BackendError("ray", f"{name}: {' '.join(args)}")
 
 
-def _check(result):
+def check_result(result):
     if isinstance(result, dict) and "__error__" in result:
-        raise _restore(result)
+        raise restore_error(result)
     return result
 
 
-def _unwrap(e: Exception) -> Exception:
+def unwrap_error(e: Exception) -> Exception:
     """The user-facing error inside a RayTaskError (BackendError / ConfigError keep their kind)."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, MfllmError):
@@ -129,15 +124,15 @@ def _unwrap(e: Exception) -> Exception:
     return BackendError("ray", f"{type(e).__name__}: {e}")
 
 
-class _Worker:
-    """What each Ray actor runs: one backend, and optionally a Simulator over it."""
+class Worker:
+    """What each Ray actor runs: one backend (mfllm.simulation.ray_runner adds a Simulator over it)."""
 
     def __init__(self, spec):
         self.backend, self.error = None, None
         try:
             self.backend = _build(spec)
         except MfllmError as e:  # reported by the first call (a dead actor would lose the message)
-            self.error = _portable(e)
+            self.error = portable_error(e)
 
     def call(self, method: str, *args, **kwargs):
         """``backend.<method>(...)``; our errors come back as data (see _portable)."""
@@ -146,7 +141,7 @@ class _Worker:
         try:
             return getattr(self.backend, method)(*args, **kwargs)
         except MfllmError as e:
-            return _portable(e)
+            return portable_error(e)
 
     def describe(self) -> dict:
         return self.error or self.backend.describe()
@@ -154,43 +149,8 @@ class _Worker:
     def stats(self) -> dict:
         return self.error or self.backend.stats.to_dict()
 
-    def simulate(self, events, config: dict, resume: dict, interventions):
-        """A Simulator over this actor's backend: yields each step record as soon as its round finishes
-        (a bounded queue: memory stays flat), then one ``{"__summary__": ...}`` item."""
-        from mfllm.simulation.engine import SimConfig, Simulator
 
-        if self.error is not None:
-            yield self.error
-            return
-        q: queue.Queue = queue.Queue(maxsize=64)
-        done = object()
-        box: dict = {}
-
-        def work():
-            try:
-                sim = Simulator(self.backend, SimConfig(**config), interventions=interventions)
-                box["summary"] = sim.run(events, q.put, resume=resume).to_dict()
-            except MfllmError as e:
-                box["error"] = _portable(e)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the generator
-                box["error"] = e
-            finally:
-                q.put(done)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        while (item := q.get()) is not done:
-            yield item
-        t.join()
-        if isinstance(box.get("error"), dict):
-            yield box["error"]
-            return
-        if "error" in box:
-            raise box["error"]
-        yield {"__summary__": box["summary"]}
-
-
-def _default_replicas(ray, num_gpus: float, num_cpus: float = 1) -> int:
+def default_replicas(ray, num_gpus: float, num_cpus: float = 1) -> int:
     """MFLLM_RAY_REPLICAS, else as many as the cluster's GPUs (or CPUs) hold."""
     env = os.environ.get("MFLLM_RAY_REPLICAS")
     if env:
@@ -217,20 +177,20 @@ class RayBackend:
         self.spec = as_spec(backend_factory_spec)
         ray = ensure_ray(address, **(ray_init or {}))
         self._ray = ray
-        self.replicas = int(replicas) if replicas else _default_replicas(ray, num_gpus, num_cpus)
+        self.replicas = int(replicas) if replicas else default_replicas(ray, num_gpus, num_cpus)
         if self.replicas < 1:
             raise ConfigError("replicas must be >= 1", field="replicas")
         self.min_shard = max(1, int(min_shard))
-        worker = ray.remote(_Worker)
+        worker = ray.remote(Worker)
         opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, **(actor_options or {})}
         self.actors = [worker.options(**opts).remote(self.spec) for _ in range(self.replicas)]
         self.stats = BackendStats()
         self._next = 0
         try:
-            self._inner = _check(ray.get(self.actors[0].describe.remote()))
+            self._inner = check_result(ray.get(self.actors[0].describe.remote()))
         except Exception as e:  # noqa: BLE001 - the backend failed to build in the actor
             self.close()
-            raise (e if isinstance(e, MfllmError) else _unwrap(e)) from None
+            raise (e if isinstance(e, MfllmError) else unwrap_error(e)) from None
         inner = getattr(self.spec, "name", None)
         self.name = f"ray:{inner}" if inner else "ray"
         # what the engine / server read from a backend (hf): tokenizer-free attributes only
@@ -243,8 +203,6 @@ class RayBackend:
         each) when the cluster has GPUs, else CPU replicas."""
         inner = (inner or "hf").lower()
         if inner in ("hf", "transformers", "local") and not options.get("model") and not options.get("model_path"):
-            from mfllm.paths import DEFAULT_MODEL
-
             options["model"] = str(DEFAULT_MODEL)
         if num_gpus is None:
             ray = ensure_ray(address)
@@ -273,11 +231,11 @@ class RayBackend:
             refs.append(actor.call.remote(method, *[list(c[lo:hi]) for c in columns], **(kwargs or {})))
         self._next = (self._next + len(refs)) % self.replicas
         try:
-            parts = [_check(p) for p in ray.get(refs)]
+            parts = [check_result(p) for p in ray.get(refs)]
         except MfllmError:
             raise
         except Exception as e:  # noqa: BLE001 - a RayTaskError wraps the actor's exception
-            raise _unwrap(e) from None
+            raise unwrap_error(e) from None
         return [x for p in parts for x in p]
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
@@ -321,130 +279,5 @@ class RayBackend:
         self.close()
 
 
-# ------------------------------------------------------------------------------ events in parallel
-
-
-def run_events_parallel(events: Iterable, out: str | os.PathLike, backend_spec: Any, config=None, *,
-                        replicas: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
-                        address: str | None = None, resume: bool = False, data: str | None = None,
-                        interventions: list | None = None, chunk: int | None = None,
-                        on_record: Callable[[dict], None] | None = None):
-    """Simulate `events` on `replicas` Ray actors (each with its own backend and Simulator) into ONE run
-    directory `out` (config.json, steps.jsonl, done.json: the layout ``mfllm simulate`` writes).
-
-    Events go out in chunks of ``chunk`` (default ``config.events_in_flight``) to whichever actor is free;
-    each actor batches its chunk's events per round as the single-process engine does. Records stream
-    back as each round finishes and are appended (sha-stamped, fsynced) by the driver, so nothing needs a
-    shared file system. Records of different events interleave in another order than a single-process
-    run, but each event's records are the same (per-agent seeds). ``resume=True`` continues an interrupted
-    run in `out` (with this function, or single-process with ``mfllm simulate --resume`` when `data` was
-    given). Returns the merged RunSummary.
-    """
-    from mfllm.simulation.engine import RunSummary, SimConfig, fold_records
-    from mfllm.store.run import RunStore
-
-    config = config or SimConfig()
-    events = list(events)
-    if not events:
-        raise ConfigError("no events to simulate")
-    spec = as_spec(backend_spec)
-    store = RunStore(out)
-    records: dict = {}
-    if resume:
-        cfg = store.config()
-        if store.is_done():
-            raise ConfigError(f"{out} is already complete; nothing to resume")
-        config = SimConfig(**cfg["sim"])
-        records = fold_records(store.recover_iter(), config.teacher_forcing)  # bounded per event
-    else:
-        inner_name = spec.name if isinstance(spec, BackendSpec) else None
-        opts = dict(spec.options) if isinstance(spec, BackendSpec) else {}
-        from mfllm.simulation.runner import public_options
-        store.create({
-            "data": str(Path(data).resolve()) if data else None,
-            "events": [e.event_id for e in events],
-            "sim": config.model_dump(),
-            "backend": {"backend": "ray", "inner": inner_name, "replicas": replicas},
-            "backend_name": inner_name,
-            "backend_options": {k: v for k, v in public_options(opts).items() if k != "model"},
-            "model": opts.get("model") or opts.get("model_path"),
-            "interventions": None,
-            "parallel": {"replicas": replicas, "chunk": chunk or config.events_in_flight},
-        })
-    ray = ensure_ray(address)
-    n_actors = int(replicas) if replicas else _default_replicas(ray, num_gpus, num_cpus)
-    worker = ray.remote(_Worker)
-    actors = [worker.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(spec) for _ in range(n_actors)]
-    size = max(1, int(chunk or config.events_in_flight))
-    chunks = [events[i:i + size] for i in range(0, len(events), size)]
-    todo: queue.Queue = queue.Queue()
-    for c in chunks:
-        todo.put(c)
-    results: queue.Queue = queue.Queue(maxsize=256)
-    cfg_dict = config.model_dump()
-    stop = threading.Event()
-
-    def drive(actor) -> None:
-        try:
-            while not stop.is_set():
-                try:
-                    c = todo.get_nowait()
-                except queue.Empty:
-                    return
-                res = {e.event_id: records[e.event_id] for e in c if e.event_id in records}
-                gen = actor.simulate.remote(c, cfg_dict, res, interventions)
-                for ref in gen:
-                    results.put(("item", ray.get(ref)))
-                    if stop.is_set():
-                        return
-        except Exception as e:  # noqa: BLE001 - reported by the main thread
-            results.put(("error", e))
-        finally:
-            results.put(("done", None))
-
-    t0 = time.time()
-    summary = RunSummary()
-    threads = [threading.Thread(target=drive, args=(a,), daemon=True) for a in actors]
-    for t in threads:
-        t.start()
-    running, error = len(threads), None
-    try:
-        while running:
-            kind, item = results.get()
-            if kind == "done":
-                running -= 1
-            elif kind == "error":
-                error = error or item
-                stop.set()
-            elif "__error__" in item:
-                error = error or _restore(item)
-                stop.set()
-            elif "__summary__" in item:
-                s = item["__summary__"]
-                for k in ("events", "steps", "agents_simulated", "prompt_tokens", "generated_tokens",
-                          "empty_outputs"):
-                    setattr(summary, k, getattr(summary, k) + s[k])
-                summary.per_event.update(s["per_event"])
-            else:
-                store.append(item)
-                if on_record is not None:
-                    on_record(item)
-    finally:
-        stop.set()
-        store.close()
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001
-                pass
-    if error is not None:
-        raise _unwrap(error)
-    summary.seconds = round(time.time() - t0, 3)
-    d = summary.to_dict()
-    d["parallel"] = {"replicas": n_actors, "chunks": len(chunks)}
-    store.finish(d)
-    return summary
-
-
-__all__ = ["BackendSpec", "INSTALL_HINT", "RayBackend", "as_spec", "ensure_ray", "require_ray",
-           "run_events_parallel"]
+__all__ = ["BackendSpec", "INSTALL_HINT", "RayBackend", "Worker", "as_spec", "default_replicas", "ensure_ray",
+           "portable_error", "require_ray", "restore_error", "unwrap_error"]
