@@ -118,16 +118,23 @@ def test_usage_models_and_http_errors(served):
     assert status == 400 and "malformed" in data["error"]["message"]
     status, data = _raw(srv, "POST", "/v1/completions", b"x" * (65 * 1024))
     assert status == 413 and "error" in data
-    status, data = _raw(srv, "POST", "/v1/completions", json.dumps({"prompt": "a", "n": 2}).encode())
-    assert status == 400
+    status, data = _raw(srv, "POST", "/v1/completions", json.dumps({"prompt": "a", "n": 0}).encode())
+    assert status == 400 and data["error"]["param"] == "n"
     status, data = _raw(
         srv, "POST", "/v1/completions", json.dumps({"prompt": "a", "model": "other"}).encode()
     )
-    assert status == 404
+    assert status == 404 and data["error"]["code"] == "model_not_found"
     status, data = _raw(
         srv, "POST", "/v1/completions", json.dumps({"prompt": "a", "temperature": "hot"}).encode()
     )
     assert status == 400
+    # OpenAI's error object: every field present, the code a string or null (never the HTTP status)
+    assert data["error"] == {
+        "message": "'temperature' must be a number",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": None,
+    }
     status, data = _raw(srv, "POST", "/v1/nothing", b"{}")
     assert status == 404
     status, data = _raw(srv, "POST", "/v1/completions", json.dumps({"prompt": "a", "logprobs": 1}).encode())

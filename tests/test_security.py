@@ -128,7 +128,7 @@ def test_serve_binds_loopback_by_default_and_checks_requests(mini_server):
     status, data = _post(mini_server, "/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}')
     assert status == 413 and "over" in data["error"]["message"]
     for bad in (b"{not json", b"[1, 2]", json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(),
-                json.dumps({"prompt": "x", "n": 5}).encode(), json.dumps({"prompt": 5}).encode()):
+                json.dumps({"prompt": "x", "n": 0}).encode(), json.dumps({"prompt": 5}).encode()):
         assert _post(mini_server, "/completions", bad)[0] == 400, bad
 
 

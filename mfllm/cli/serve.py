@@ -5,12 +5,14 @@ from __future__ import annotations
 import typer
 
 from mfllm.backends.server import serve
-from mfllm.errors import MfllmError
+from mfllm.cli.errors import fail
+from mfllm.errors import ConfigError, MfllmError
+from mfllm.paths import DEFAULT_MODEL
 
 
 def serve_command(
     model: str = typer.Option(
-        ..., "--model", help="model directory (safetensors), e.g. mfllm/assets/models/mfllm-mini"
+        None, "--model", help=f"model directory (safetensors). Default: the shipped {DEFAULT_MODEL.name}"
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: loopback only)"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
@@ -21,8 +23,6 @@ def serve_command(
     name: str = typer.Option("", "--name", help="model name to serve under (default: the directory name)"),
 ) -> None:
     """Serve a local model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from mfllm.errors import ConfigError
-
     try:
         adapters = {}
         for item in adapter:
@@ -32,7 +32,7 @@ def serve_command(
             adapters[role] = path
         try:
             serve(
-                model,
+                model or str(DEFAULT_MODEL),
                 host,
                 port,
                 device=device,
@@ -44,5 +44,4 @@ def serve_command(
         except OSError as e:  # e.g. the port is taken
             raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}", field="port") from None
     except MfllmError as e:  # one clear line, no traceback
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
+        raise fail(e) from None
