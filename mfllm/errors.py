@@ -41,3 +41,24 @@ class BackendError(MfllmError):
     def __init__(self, kind: str, message: str):
         self.kind = kind
         super().__init__(f"LLM backend error ({kind}): {message}")
+
+
+def from_validation(e: Exception, path: str | None = None, prefix: str = "") -> ConfigError:
+    """One clear ConfigError for a pydantic ValidationError (its first problem), naming the field.
+
+    A wrong name for a ``Literal`` field reads ``unknown value 'x'; choose one of a, b``; ``prefix`` puts
+    the model's place in a file before the field (e.g. ``sim.``)."""
+    errors = e.errors() if callable(getattr(e, "errors", None)) else []
+    if not errors:
+        return ConfigError(str(e), path=path)
+    first = errors[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    got = first.get("input")
+    if first.get("type") == "literal_error":
+        expected = str((first.get("ctx") or {}).get("expected", "")).replace("'", "").replace(" or ", ", ")
+        message = f"unknown value {got!r}; choose one of {expected}"
+    else:
+        message = f"{first.get('msg', 'invalid')} (got {got!r})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return ConfigError(message, path=path, field=prefix + loc if loc else (prefix.rstrip(".") or None))

@@ -294,10 +294,10 @@ def _sim_texts(run_dir: Path, limit: int) -> list[str | None]:
 def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | None = None) -> dict:
     """Run the whole bench; returns the JSON-ready result (see the module docstring)."""
 
+    from mfllm.backends.registry import make_backend
     from mfllm.paths import DEFAULT_MODEL
     from mfllm.simulation.engine import SimConfig
     from mfllm.simulation.population import synthetic_event
-    from mfllm.simulation.runner import make_backend
 
     log = log or (lambda s: None)
     sizes = sorted({int(n) for n in settings.agents})
@@ -314,7 +314,7 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
         if settings.num_threads:
             opts.setdefault("num_threads", settings.num_threads)
     model = settings.model or (str(DEFAULT_MODEL) if settings.backend == "hf" else None)
-    backend = make_backend(settings.backend, model, **opts)
+    backend = make_backend(settings.backend, model=model, **opts)
     config = SimConfig(method="mf", meanfield="stats", step_size=settings.step_size, warmup=settings.warmup,
                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                        top_p=settings.top_p, seed=settings.seed, lang=settings.lang, events_in_flight=1)

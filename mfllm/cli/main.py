@@ -12,8 +12,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mfllm.errors import MfllmError
+from mfllm.errors import MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+from mfllm.simulation.config import SimConfig, choices, default
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 err = Console(stderr=True)
@@ -48,11 +49,12 @@ def _mount() -> None:
 def simulate(
     data: str = typer.Option(str(SAMPLE_DATA), help="Events: a CED folder, Rumdect file/folder or JSONL file/folder."),
     out: Path = typer.Option(None, help="Run directory to create (config, mean field per step, every action)."),
-    events: str = typer.Option(None, help="Comma-separated event ids (see `mfllm data stats`)."),
+    events: str = typer.Option(None, help="Comma-separated event ids (list them with `mfllm data events`)."),
     split: str = typer.Option("all", help="train | val | test | all (deterministic by event id)."),
     limit: int = typer.Option(None, help="At most this many events (after the split, in id order)."),
-    method: str = typer.Option("mf", help="mf (mean field) | state | recent | popular."),
-    meanfield: str = typer.Option("stats", help="Mean-field model: stats (no LLM) | llm (the summariser prompt)."),
+    method: str = typer.Option(default("method"), help=f"Context: {' | '.join(choices('method'))} (mf = mean field)."),
+    meanfield: str = typer.Option(default("meanfield"), help=f"Mean-field model: {' | '.join(choices('meanfield'))} "
+                                  "(stats: no LLM; llm: the summariser prompt)."),
     backend: str = typer.Option("hf", help="hf (local transformers) | openai (any OpenAI-compatible server) | vllm."),
     model: str = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name})."),
     base_url: str = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."),
@@ -62,21 +64,23 @@ def simulate(
     retries: int = typer.Option(None, help="openai backend: retries of a failed request (default 5, with backoff)."),
     max_concurrency: int = typer.Option(None, help="openai backend: requests in flight at once (default 8)."),
     rate_limit: float = typer.Option(None, help="openai backend: at most this many requests per second."),
-    step_size: int = typer.Option(16, help="Agents per step."),
-    time_window: float = typer.Option(None, help="Seconds per step instead of a fixed number of agents."),
-    warmup: int = typer.Option(48, help="Real actions fed to the mean field before the rollout."),
-    max_agents: int = typer.Option(None, help="Simulate at most this many rollout agents per event."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy; 1 = the model's own distribution)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling (1 = off: keeps the crowd's rarer reactions)."),
-    max_new_tokens: int = typer.Option(48, help="Most tokens one agent's action may take."),
-    meanfield_max_new_tokens: int = typer.Option(160, help="--meanfield llm: most tokens of one summary m_t."),
+    step_size: int = typer.Option(default("step_size"), help="Agents per step."),
+    time_window: float = typer.Option(default("time_window"), help="Seconds per step instead of a fixed number of agents."),
+    warmup: int = typer.Option(default("warmup"), help="Real actions fed to the mean field before the rollout."),
+    max_agents: int = typer.Option(default("max_rollout_agents"), help="Simulate at most this many rollout agents per event."),
+    temperature: float = typer.Option(default("temperature"), help="Sampling temperature (0 = greedy; 1 = the model's own distribution)."),
+    top_p: float = typer.Option(default("top_p"), help="Nucleus sampling (1 = off: keeps the crowd's rarer reactions)."),
+    max_new_tokens: int = typer.Option(default("max_new_tokens"), help="Most tokens one agent's action may take."),
+    meanfield_max_new_tokens: int = typer.Option(default("meanfield_max_new_tokens"),
+                                                 help="--meanfield llm: most tokens of one summary m_t."),
     policy_adapter: Path = typer.Option(None, help="hf/vllm: a LoRA adapter dir for the policy "
                                         "(from `mfllm train policy` / `ib-tune`)."),
     meanfield_adapter: Path = typer.Option(None, help="hf/vllm with --meanfield llm: a LoRA adapter dir for "
                                            "the mean-field model (from `mfllm train meanfield` / `ib-tune`)."),
-    seed: int = typer.Option(0, help="Seed: a run with a local model is reproducible."),
-    lang: str = typer.Option("zh", help="Prompt language: zh | en."),
-    teacher_forcing: bool = typer.Option(False, help="Ablation: feed the mean field real actions in rollout."),
+    seed: int = typer.Option(default("seed"), help="Seed: a run with a local model is reproducible."),
+    lang: str = typer.Option(default("lang"), help=f"Prompt language: {' | '.join(choices('lang'))}."),
+    teacher_forcing: bool = typer.Option(default("teacher_forcing"),
+                                         help="Ablation: feed the mean field real actions in rollout."),
     resume: Path = typer.Option(None, help="Continue an interrupted run directory. Other options are ignored, "
                                 "except the openai endpoint's (--base-url for an endpoint that moved, --timeout, "
                                 "--retries, --max-concurrency, --rate-limit)."),
@@ -87,7 +91,6 @@ def simulate(
 
     Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
     """
-    from mfllm.simulation.engine import SimConfig
     from mfllm.simulation.runner import resume as resume_run
     from mfllm.simulation.runner import simulate as run_sim
 
@@ -119,8 +122,8 @@ def simulate(
                         on_skipped=_report_skipped, replace=force)
     except MfllmError as e:
         raise fail(e) from None
-    except ValueError as e:  # pydantic validation of options
-        raise fail(_option_error(e)) from None
+    except ValueError as e:  # SimConfig's (pydantic) checks of the options
+        raise fail(from_validation(e)) from None
     err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
     _report_context_cuts(out)
 
@@ -166,17 +169,6 @@ def _report_skipped(skipped: list) -> None:
         err.print(f"  {e}", highlight=False, markup=False, soft_wrap=True)
     if len(skipped) > 20:
         err.print(f"  ... and {len(skipped) - 20} more (see `mfllm data stats`)", highlight=False)
-
-
-def _option_error(e: ValueError) -> MfllmError:
-    """One line for a pydantic validation error of the options (the first problem)."""
-    errors = getattr(e, "errors", None)
-    if not callable(errors):
-        return MfllmError(str(e))
-    first = (errors() or [{}])[0]
-    name = ".".join(str(x) for x in first.get("loc", ())) or "options"
-    more = f" (and {len(errors()) - 1} more)" if len(errors()) > 1 else ""
-    return MfllmError(f"option {name}: {first.get('msg', 'invalid')} (got {first.get('input')!r}){more}")
 
 
 @app.command()

@@ -18,47 +18,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
-from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
+from mfllm.backends.base import Backend, GenerationRequest
 from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.prompts.templates import policy_prefix, policy_suffix, target_to_action
 from mfllm.seeds import derive_seed  # noqa: F401 - re-exported
+from mfllm.simulation.config import SimConfig  # noqa: F401 - re-exported (its home is config.py)
 from mfllm.simulation.history import History
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldState, MeanFieldUpdate, make_meanfield
 from mfllm.simulation.methods import METHODS, Method, make_method
 from mfllm.simulation.steps import Step, plan_steps
 from mfllm.store.records import ActionRecord, StepRecord
-
-
-class SimConfig(BaseModel, extra="forbid"):
-    method: str = Field("mf", description="mf | state | recent | popular")
-    meanfield: str = Field("stats", description="stats | llm")
-    step_size: int = Field(16, ge=1)
-    warmup: int = Field(48, ge=0, description="real actions fed to the mean field before rollout")
-    time_window: float | None = Field(None, gt=0, description="seconds per step instead of k agents")
-    lang: str = "zh"
-    seed: int = 0
-    # A population simulator samples from the model's distribution: sharpening it (T < 1, top-p < 1)
-    # collapses the crowd onto the modal reaction (mfllm-mini: 81% plain reposts at T=0.8/top-p 0.95
-    # against 39% real; 35% at T=1/top-p 1).
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(48, ge=1)
-    meanfield_max_new_tokens: int = Field(160, ge=1, description="most tokens of one llm mean-field summary")
-    teacher_forcing: bool = Field(False, description="ablation: mean field fed real actions in rollout")
-    max_rollout_agents: int | None = Field(None, ge=0, description="simulate at most this many agents per event")
-    policy_adapter: str | None = None
-    meanfield_adapter: str | None = None
-    events_in_flight: int = Field(8, ge=1, description="events advanced together per batched round")
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, stop=("\n",))
 
 
 @dataclass
@@ -135,8 +107,6 @@ class RunSummary:
 class Simulator:
     def __init__(self, backend: Backend | None, config: SimConfig, meanfield: MeanFieldModel | None = None,
                  interventions: list[Intervention] | None = None):
-        if config.method not in METHODS:
-            raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}", field="method")
         self.backend, self.cfg = backend, config
         self.method: Method = make_method(config.method)
         self.meanfield = meanfield or make_meanfield(config.meanfield, lang=config.lang, backend=backend,

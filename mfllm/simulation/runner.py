@@ -11,10 +11,13 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mfllm.backends.base import Backend
+from mfllm.backends.registry import make_backend
 from mfllm.data.load import load_events
 from mfllm.data.schema import Event
-from mfllm.errors import ConfigError, DataError, MfllmError
+from mfllm.errors import ConfigError, DataError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import ResumePoint, RunSummary, SimConfig, Simulator, fold_records
 from mfllm.simulation.interventions import Intervention
@@ -25,16 +28,6 @@ from mfllm.store.rundir import check_resumable, public_options
 
 class Interrupted(MfllmError):
     exit_code = 130
-
-
-def make_backend(backend: str = "hf", model: str | None = None, **options) -> Backend:
-    from mfllm.backends.registry import make_backend as _make
-
-    if not model and backend != "openai":  # an openai backend with no model uses the server's only one
-        model = str(DEFAULT_MODEL)
-    if backend in ("hf", "vllm") and not Path(model).exists() and "/" not in model:
-        raise ConfigError(f"model path {model!r} does not exist", field="model")
-    return _make(backend, model=model, **options)
 
 
 class StopFlag:
@@ -80,7 +73,7 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
     if not loaded:
         raise ConfigError(f"no events selected from {data} (split={split}, events={events})")
     backend_options = dict(backend_options or {})
-    backend = backend or make_backend(backend_name, model, **backend_options)
+    backend = backend or make_backend(backend_name, model=model, **backend_options)
     if replace:
         from mfllm.store.run import remove_run
 
@@ -100,17 +93,12 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
 
 
 def check_config(config: SimConfig) -> None:
-    """The names a run needs (method, mean field, language), checked before a run directory exists."""
-    from mfllm.prompts.templates import LANGS
-    from mfllm.simulation.methods import METHODS
-
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}", field="method")
-    if config.meanfield not in ("stats", "llm"):
-        raise ConfigError(f"unknown mean-field model {config.meanfield!r}; choose stats or llm", field="meanfield")
-    if config.lang not in LANGS:
-        raise ConfigError(f"unknown prompt language {config.lang!r}; choose one of {', '.join(LANGS)}",
-                          field="lang")
+    """A config checked by SimConfig's own rules before a run directory exists (one built with
+    ``model_construct`` skipped them; a validated one passes unchanged)."""
+    try:
+        SimConfig.model_validate(dict(config))
+    except ValidationError as e:
+        raise from_validation(e) from None
 
 
 def _log_skipped(skipped: list[DataError]) -> None:
@@ -145,7 +133,7 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     if missing:
         raise ConfigError(f"cannot resume: events {sorted(missing)[:5]} are no longer in {cfg['data']}")
     if backend is None:
-        backend = make_backend(cfg.get("backend_name", "hf"), cfg.get("model"),
+        backend = make_backend(cfg.get("backend_name", "hf"), model=cfg.get("model"),
                                **{**cfg.get("backend_options", {}), **(backend_options or {})})
     if interventions is None and cfg.get("interventions"):
         from mfllm.simulation.intervention_spec import build_interventions, parse_spec

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from mfllm.errors import ConfigError, DataError
+from mfllm.errors import ConfigError, DataError, from_validation
 from mfllm.store.run import CONFIG, DONE, STEPS, read_steps
 
 M = TypeVar("M", bound=BaseModel)
@@ -67,10 +67,7 @@ def check_resumable(cfg: Any, path: str, sim_model: type[M]) -> M:
     try:
         return sim_model(**cfg["sim"])
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise ConfigError(f"{first.get('msg')} (got {first.get('input')!r})", path=path,
-                          field=f"sim.{loc}" if loc else "sim") from None
+        raise from_validation(e, path=path, prefix="sim.") from None
 
 
 def config_diffs(cfg: Mapping, expected_sim: Mapping, events: list[str], interventions: Any,

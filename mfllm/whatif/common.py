@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfllm.backends.base import Backend
+from mfllm.backends.registry import make_backend
 from mfllm.data.schema import Event
 from mfllm.errors import ConfigError
 from mfllm.evaluation.evaluate import resolve_labeler
@@ -28,7 +29,7 @@ from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig, Simulator
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.population import synthetic_event
-from mfllm.simulation.runner import Interrupted, StopFlag, make_backend, public_options
+from mfllm.simulation.runner import Interrupted, StopFlag, public_options
 from mfllm.simulation.runner import check_config as check_run_config
 from mfllm.store.run import RunStore, read_steps
 
@@ -107,7 +108,7 @@ def resolve_backend(backend: Backend | None, backend_name: str, model: str | Non
                     options: dict | None) -> Backend:
     if backend is not None:
         return backend
-    return make_backend(backend_name, model, **(options or {}))
+    return make_backend(backend_name, model=model, **(options or {}))
 
 
 @dataclass
