@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +16,9 @@ from typing import IO, Any
 
 
 def temp_path(path: Path) -> Path:
-    """A temp name beside ``path`` (same folder, so os.replace is atomic), unique per process."""
+    """A temp name beside ``path`` (same folder, so os.replace is atomic), unique per process and thread."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 @contextmanager
@@ -60,3 +62,56 @@ def fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Folders (a checkpoint, a tokenizer, a model written by save_pretrained): the same idea one level up.
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path`` to fill; on a clean exit it replaces ``path`` (the old folder is
+    renamed to ``<name>.old`` first and removed after; :func:`recover_dir` undoes a kill between the two
+    renames), on an error it is removed."""
+    path = Path(path)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Put ``<name>.old`` back when a kill fell between :func:`atomic_dir`'s two renames."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
+def move_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move every file of a finished folder ``src`` (same file system) into ``dst``, each one atomically, and
+    remove ``src``: for files written by a library into a folder that holds other files too."""
+    src, dst = Path(src), Path(dst)
+    _fsync_tree(src)
+    for f in src.iterdir():
+        os.replace(f, dst / f.name)
+    fsync_dir(dst)
+    shutil.rmtree(src, ignore_errors=True)
+
+
+def _fsync_tree(d: Path) -> None:
+    for f in d.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

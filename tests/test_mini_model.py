@@ -57,3 +57,45 @@ def test_scores_and_beats_the_marginal_baseline_on_held_out_actions(backend, hel
     uni = sum(unigram_nll(counts, len(tok), tok(t + eos, add_special_tokens=False)["input_ids"]) for _, t in held_out)
     assert all(s < 0 for s, _ in scored)
     assert model_nll < 0.9 * uni, (model_nll, uni)  # measured: about 23% lower on the shipped sample
+
+
+def test_training_checkpoint_is_atomic_and_survives_a_kill_between_renames(tmp_path):
+    """save_checkpoint swaps whole folders (mfllm.files.atomic_dir): a failed save keeps the old checkpoint, and
+    a kill between the two renames is undone by recover_dir (as train_mini does on start)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mfllm.files import recover_dir
+    from mfllm.training.mini import load_checkpoint, save_checkpoint
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+
+    def opt_factory(m):
+        return torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    opt = opt_factory(model)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    ckpt = tmp_path / "checkpoint"
+    save_checkpoint(ckpt, model, opt, 1, [{"step": 1}])
+
+    class Boom(RuntimeError):
+        pass
+
+    class Broken:  # fails half-way through writing the next checkpoint
+        def save_pretrained(self, path, **_kw):
+            path.mkdir(parents=True)
+            (path / "config.json").write_text("{")
+            raise Boom
+
+    with pytest.raises(Boom):
+        save_checkpoint(ckpt, Broken(), opt, 2, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp folder left behind
+    ckpt.rename(tmp_path / "checkpoint.old")  # a kill after the first rename of the next save
+    recover_dir(ckpt)
+    m2, _, step, history = load_checkpoint(ckpt, LlamaForCausalLM, opt_factory)
+    assert step == 1 and history == [{"step": 1}]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values(), strict=True))

@@ -12,7 +12,7 @@ Design:
   connection errors, timeouts, malformed and empty completions. After the budget: ``BackendError(kind, ...)``.
   An error is never returned as a completion.
 * An on-disk response cache keyed by sha256 of (api, model, prompt, sampling params, seed): re-runs and resumes
-  cost nothing. Each entry is written atomically (temp file + ``os.replace``).
+  cost nothing. Each entry is written atomically (``mfllm.files``).
 * The API key comes from the environment variable ``api_key_env`` or the file ``api_key_file`` only. It is
   never part of ``describe()``, ``repr``, logs or exception messages (messages are scrubbed of it).
 """
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from typing import Any
 
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
+from mfllm.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +274,7 @@ class OpenAIBackend:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(value, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_json(path, value, indent=None)
 
     # ------------------------------------------------------------------ sync facade
 

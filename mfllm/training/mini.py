@@ -17,7 +17,6 @@ import csv
 import gzip
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mfllm.files import atomic_dir, atomic_open, atomic_write_json, recover_dir
 from mfllm.training.examples import DEFAULT_MIX, Example, build_examples
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -91,13 +91,11 @@ def prepare_examples(cfg: MiniConfig, path: Path) -> Path:
     info = {"train_events": len(train_events), "val_events": len(val_events),
             "train_actions": sum(len(e) for e in train_events), "train_examples": len(train), "val_examples": len(val)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with atomic_open(path, "wb") as raw, gzip.open(raw, "wt", encoding="utf-8") as f:
         f.write(json.dumps({"info": info}, ensure_ascii=False) + "\n")
         for part, exs in (("train", train), ("val", val)):
             for e in exs:
                 f.write(json.dumps({"part": part, **asdict(e)}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -229,24 +227,17 @@ def unigram_baseline(tokenizer, counts: Counter, val: list[Example]) -> dict:
 
 
 def save_checkpoint(ckpt: Path, model, opt, step: int, history: list[dict]) -> None:
-    """Atomic: written to a temp dir, then renamed over the old one. Safetensors + JSON, no pickle."""
+    """Atomic (mfllm.files.atomic_dir: a temp folder renamed over the old one). Safetensors + JSON, no pickle."""
     from safetensors.torch import save_file
 
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    state = {}
-    for k, st in opt.state_dict()["state"].items():
-        for name, t in st.items():
-            state[f"{k}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
-    save_file(state, str(tmp / "optimizer.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(ckpt) as tmp:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        state = {}
+        for k, st in opt.state_dict()["state"].items():
+            for name, t in st.items():
+                state[f"{k}.{name}"] = t if torch.is_tensor(t) else torch.tensor(t)
+        save_file(state, str(tmp / "optimizer.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
 
 
 def load_checkpoint(ckpt: Path, model_cls, opt_factory):
@@ -290,11 +281,8 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
         rng = random.Random(cfg.seed)
         sample = rng.sample(train, min(30000, len(train)))
         tokenizer = train_tokenizer([e.prompt + e.target for e in sample], cfg.vocab_size)
-        tmp_tok = tok_dir.with_name(tok_dir.name + ".tmp")  # atomic: a kill never leaves a torn tokenizer
-        shutil.rmtree(tmp_tok, ignore_errors=True)
-        tokenizer.save_pretrained(tmp_tok)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        os.replace(tmp_tok, tok_dir)
+        with atomic_dir(tok_dir) as tmp_tok:  # a kill never leaves a torn tokenizer
+            tokenizer.save_pretrained(tmp_tok)
 
     train_enc = [encode(tokenizer, e) for e in train]
     keep = [i for i, (t, _) in enumerate(train_enc) if len(t) <= cfg.max_len]
@@ -317,9 +305,7 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
     ckpt = work / "checkpoint"
-    old_ckpt = ckpt.with_name(ckpt.name + ".old")
-    if not ckpt.exists() and (old_ckpt / "progress.json").exists():  # killed between save_checkpoint's renames
-        os.replace(old_ckpt, ckpt)
+    recover_dir(ckpt)  # killed between save_checkpoint's renames
     if (ckpt / "progress.json").exists():
         model, opt, start, history = load_checkpoint(ckpt, LlamaForCausalLM, opt_factory)
     else:
@@ -385,12 +371,12 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
     model.config.dtype = "float16"  # halves the checkpoint; backends load it as float32 on CPU
     model.to("cpu").half().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / UNIGRAM_FILE).write_text(json.dumps({str(k): v for k, v in sorted(counts.items())}))
+    atomic_write_json(out / UNIGRAM_FILE, {str(k): v for k, v in sorted(counts.items())}, indent=None)
     write_curves(out, history)
     info = {"config": asdict(cfg), "data": data_info, "parameters": n_params, "tokens_seen": tokens_seen,
             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
             "threads": torch.get_num_threads(), "device": str(device), "val": final, "unigram_baseline": base}
-    (out / "training_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    atomic_write_json(out / "training_info.json", info)
     shutil.rmtree(work, ignore_errors=True)
     return info
 

@@ -18,6 +18,7 @@ import torch
 from mfllm.backends.hf.attention import use_prefix_attention
 from mfllm.backends.hf.loading import LM, load_adapters, load_lm, load_weights
 from mfllm.errors import ConfigError
+from mfllm.files import move_files
 
 
 class Roles:
@@ -168,9 +169,7 @@ class Roles:
             cfg.base_model_name_or_path = self.base_path
             cfg.inference_mode = True
             cfg.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_files(tmp, out)  # each file atomically; the folder holds the stage's curves and info too
         return out
 
 
