@@ -132,3 +132,11 @@ def test_probe_reports_gain_per_action(events):
     assert set(acc["teacher_forced_slot_accuracy"]) == set(HEADER_DIMS) and 0 <= acc["all_four"] <= 1
     plain = run_probe(model, tok, events, max_agents=8, header=False, compact=False, conditions=("own", "other"))
     assert plain["nll_per_action"]["own"]["header"] == 0 and "header_accuracy" not in plain
+
+
+def test_policy_spec_reads_a_decide_model_folder(tmp_path):
+    from mfllm.simulation.decision import POLICY_FILE, policy_spec
+
+    assert policy_spec(DEFAULT_MODEL) == {} and policy_spec(None) == {} and policy_spec("gpt-4o") == {}
+    (tmp_path / POLICY_FILE).write_text('{"decision_header": true, "meanfield": "stats-compact"}')
+    assert policy_spec(tmp_path) == {"decision_header": True, "meanfield": "stats-compact"}

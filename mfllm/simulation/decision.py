@@ -17,12 +17,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 from mfllm.prompts.templates import PROMPTS_DIR, _check_lang
 
 # The dimensions a header decides, in header order.
 HEADER_DIMS: tuple[str, ...] = ("behavior_type", "stance", "belief_degree", "sentiment_state")
 MAX_HEADER_CHARS = 48  # a close marker further away than this is not a header's
+# A decide model's folder says how to run it: {"decision_header": true, "meanfield": "stats-compact", "lang": "zh"}
+POLICY_FILE = "mfllm_policy.json"
+
+
+def policy_spec(model: str | Path | None) -> dict:
+    """What a local model folder's POLICY_FILE asks of the simulator ({} for any other model)."""
+    if not model:
+        return {}
+    path = Path(model).expanduser() / POLICY_FILE
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 @cache

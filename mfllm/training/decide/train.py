@@ -31,11 +31,11 @@ from pydantic import BaseModel, Field
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.compact_meanfield import NAME as COMPACT_MEANFIELD
+from mfllm.simulation.decision import POLICY_FILE
 from mfllm.training.decide.data import StepTokens, build_step_tokens, pack, packed_nll
 from mfllm.training.decide.probe import run_probe
 from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
 
-POLICY_FILE = "mfllm_policy.json"  # what a model folder tells the simulator: header format, mean field
 DEFAULT_MIX = {"mf": 0.7, "state": 0.1, "recent": 0.1, "popular": 0.1}
 
 
