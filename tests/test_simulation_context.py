@@ -3,6 +3,7 @@
 from mfllm.backends.base import Completion
 from mfllm.errors import BackendError
 from mfllm.prompts.templates import policy_prefix, policy_prompt, policy_suffix, target_to_action
+from mfllm.seeds import derive_seed
 from mfllm.simulation.history import History
 from mfllm.simulation.meanfield import LLMMeanField, MeanFieldState, MeanFieldUpdate, StatsMeanField
 from mfllm.simulation.methods import make_method
@@ -68,13 +69,17 @@ class ScriptedBackend:
 
     def generate(self, requests):
         self.calls += 1
+        self.seeds = [*getattr(self, "seeds", []), *(r.seed for r in requests)]
         return [Completion(self.texts.pop(0), 10, 5) for _ in requests]
 
 
 def test_llm_meanfield_retries_empty_output_then_fails_loudly():
-    mf = LLMMeanField(ScriptedBackend(["", "多数人表示怀疑"]), retries=2)
-    st = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", "真的吗")])])[0]
+    be = ScriptedBackend(["", "多数人表示怀疑"])
+    mf = LLMMeanField(be, retries=2)
+    st = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", "真的吗")], seed=1234)])[0]
     assert st.text == "多数人表示怀疑"
+    # the first try uses the step's seed (what every run before this change drew); a retry a derived one
+    assert be.seeds == [1234, derive_seed(1234, "retry", 1)]
     bad = LLMMeanField(ScriptedBackend(["", " ", "\n"]), retries=2)
     try:
         bad.update_many([MeanFieldUpdate("e", bad.initial(), [("u", "真的吗")])])

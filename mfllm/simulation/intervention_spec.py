@@ -33,7 +33,6 @@ Intervention objects (mfllm.simulation.interventions).
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from mfllm.data.schema import Action, Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
+from mfllm.seeds import derived_rng
 from mfllm.simulation.interventions import InjectedAction, Intervention
 
 KINDS = ("inject", "meanfield", "arrivals", "instruction")
@@ -269,10 +269,6 @@ def parse_spec(obj_or_path: Any, path: str | None = None) -> Spec:
 # ------------------------------------------------------------------------------------------------ interventions
 
 
-def _uniform(seed: int) -> float:
-    return random.Random(seed).random()
-
-
 class Scheduled(Intervention):
     """Shared trigger logic: is this intervention in for (event, step)? Resolved in begin_step."""
 
@@ -350,7 +346,7 @@ class Inject(Scheduled):
             return []
         s: InjectSpec = self.spec
         n = s.count or len(s.texts)
-        rng = random.Random(f"{seed}:{self.key}")
+        rng = derived_rng(seed, self.key)
         out = []
         for i in range(n):
             text = s.texts[i % len(s.texts)]
@@ -387,7 +383,7 @@ class Arrivals(Scheduled):
             weights = [w if match(a) else 1.0 for a in actions]
             if sum(weights) <= 0:
                 return []
-            rng = random.Random(f"{seed}:{self.key}")
+            rng = derived_rng(seed, self.key)
             picks = sorted(rng.choices(range(len(actions)), weights=weights, k=len(actions)))
             out, seen = [], {}
             for i in picks:
@@ -400,7 +396,7 @@ class Arrivals(Scheduled):
             if not match(a):
                 out.append(a)
                 continue
-            u = _uniform(hash_seed(seed, self.key, a.action_id))
+            u = derived_rng(seed, self.key, a.action_id).random()
             n = int(w) + (1 if u < w - int(w) else 0)
             out.extend(a if j == 0 else _duplicate(a, j) for j in range(n))
         return out
@@ -411,15 +407,9 @@ class Instruction(Scheduled):
         if not self.active(event_id, step):
             return None
         s: InstructionSpec = self.spec
-        if s.share < 1.0 and _uniform(hash_seed(seed, self.key)) >= s.share:
+        if s.share < 1.0 and derived_rng(seed, self.key).random() >= s.share:
             return None
         return s.text
-
-
-def hash_seed(*parts: object) -> int:
-    from mfllm.simulation.engine import derive_seed
-
-    return derive_seed(*parts)
 
 
 def _duplicate(a: Action, j: int) -> Action:

@@ -20,6 +20,7 @@ from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.prompts.templates import EXAMPLE_CHARS, ITEM_CHARS, clip, meanfield_prompt, strings, template
+from mfllm.seeds import derive_seed
 
 
 @dataclass(slots=True)
@@ -171,8 +172,10 @@ class LLMMeanField(MeanFieldModel):
         out: list[MeanFieldState | None] = [None] * len(updates)
         todo = list(range(len(updates)))
         for attempt in range(self.retries + 1):
-            reqs = [GenerationRequest(prompts[i], seed=updates[i].seed + 7919 * attempt, params=self.params,
-                                      adapter=self.adapter) for i in todo]
+            # a retry draws anew; the first try keeps the step's own seed
+            reqs = [GenerationRequest(prompts[i], seed=updates[i].seed if attempt == 0 else
+                                      derive_seed(updates[i].seed, "retry", attempt),
+                                      params=self.params, adapter=self.adapter) for i in todo]
             comps = self.backend.generate(reqs)
             for i, c in zip(todo, comps, strict=True):
                 text = " ".join(c.text.split())

@@ -22,19 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import random
 from collections.abc import Iterator, Sequence
 
 from mfllm.data.schema import Action, Event, Profile
+from mfllm.seeds import derived_rng
 
 SYNTHETIC_PREFIX = "syn"
 DEFAULT_RATE = 1 / 60.0  # arrivals per second when the data cannot tell (one per minute)
-
-
-def _derive(*parts: object) -> int:
-    from mfllm.simulation.engine import derive_seed
-
-    return derive_seed(*parts)
 
 
 def arrival_rate(actions: Sequence[Action], source_time: float | None = None) -> float:
@@ -94,7 +88,7 @@ def extend_population(event: Event, total_agents: int | None, seed: int = 0, *,
         n += 1
         last_t = a.time
     rate = arrival_rate(pool, event.source.time)
-    rng = random.Random(_derive(seed, event.event_id, "population"))
+    rng = derived_rng(seed, event.event_id, "population")
     t = last_t
     for i in itertools.count(1):
         if total_agents is not None and n >= total_agents:
