@@ -193,6 +193,18 @@ def replace_event(ev: Event, actions) -> Event:
     return dataclasses.replace(ev, actions=list(actions))
 
 
+def stage_events(cfg: TuneConfig, stage: str, train_events: list[Event] | None, val_events: list[Event] | None
+                 ) -> tuple[list[Event], list[Event]]:
+    """The events a stage builds its data from: the given ones, else a seeded sample of its splits."""
+    if train_events is None:
+        train_events = sample_events(cfg, cfg.split, events_needed(cfg, stage))
+    if val_events is None:
+        val_events = sample_events(cfg, cfg.val_split, cfg.val_events)
+    if cfg.max_events is not None:
+        train_events = train_events[: cfg.max_events]
+    return train_events, val_events[: cfg.val_events]
+
+
 def events_needed(cfg: TuneConfig, stage: str) -> int:
     """How many training events a stage draws from (a margin over what its steps x batch use)."""
     if stage == "meanfield":

@@ -69,10 +69,9 @@ from mfllm.training.ibtune.curves import write_meanfield_curves
 from mfllm.training.ibtune.examples import (
     Unit,
     build_units,
-    events_needed,
     load_json_gz,
-    sample_events,
     save_json_gz,
+    stage_events,
 )
 from mfllm.training.ibtune.loop import finish_stage, last_val, prepare_work, stage_roles, train_loop
 from mfllm.training.ibtune.roles import Roles
@@ -216,16 +215,11 @@ def train_meanfield(cfg: TuneConfig, train_events: list[Event] | None = None, va
         val = [Unit(**u) for u in d["val"]]
         data_info = d.get("info", data_info)
     else:
-        if train_events is None:
-            train_events = sample_events(cfg, cfg.split, events_needed(cfg, "meanfield"))
-        if val_events is None:
-            val_events = sample_events(cfg, cfg.val_split, cfg.val_events)
-        if cfg.max_events is not None:
-            train_events = train_events[: cfg.max_events]
+        train_events, val_events = stage_events(cfg, "meanfield", train_events, val_events)
         # the chain uses the untuned summariser (adapter off; stage 1 starts from it)
         units = build_units(train_events, cfg, cfg.steps * cfg.batch_size, random.Random(cfg.seed), roles, None,
                             data_info)
-        val = build_units(val_events[: cfg.val_events], cfg, cfg.val_units, random.Random(cfg.seed + 1), roles,
+        val = build_units(val_events, cfg, cfg.val_units, random.Random(cfg.seed + 1), roles,
                           None, data_info)
         if not units:
             raise ConfigError("no training history: the events need at least two steps (2 x step_size actions), "

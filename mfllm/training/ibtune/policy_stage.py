@@ -23,10 +23,9 @@ from mfllm.training.ibtune.config import TuneConfig
 from mfllm.training.ibtune.examples import (
     PolicyExample,
     build_policy_examples,
-    events_needed,
     load_json_gz,
-    sample_events,
     save_json_gz,
+    stage_events,
 )
 from mfllm.training.ibtune.loop import finish_stage, last_val, prepare_work, stage_roles, train_loop
 from mfllm.training.ibtune.roles import Roles
@@ -79,15 +78,10 @@ def train_policy(cfg: TuneConfig, train_events: list[Event] | None = None, val_e
         train = [PolicyExample(**e) for e in d["train"]]
         val = [PolicyExample(**e) for e in d["val"]]
     else:
-        if train_events is None:
-            train_events = sample_events(cfg, cfg.split, events_needed(cfg, "policy"))
-        if val_events is None:
-            val_events = sample_events(cfg, cfg.val_split, cfg.val_events)
-        if cfg.max_events is not None:
-            train_events = train_events[: cfg.max_events]
+        train_events, val_events = stage_events(cfg, "policy", train_events, val_events)
         train = build_policy_examples(train_events, cfg, cfg.steps * cfg.batch_size, random.Random(cfg.seed),
                                       roles, mf_role)
-        val = build_policy_examples(val_events[: cfg.val_events], cfg, 8 * cfg.val_units,
+        val = build_policy_examples(val_events, cfg, 8 * cfg.val_units,
                                     random.Random(cfg.seed + 1), roles, mf_role)
         if not train:
             raise ConfigError("no training examples: the training events have no actions")
