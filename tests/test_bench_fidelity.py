@@ -1,6 +1,7 @@
-"""`mfllm bench fidelity`: row specs, the relative-KL arithmetic, and a tiny real end-to-end bench
-(2 shipped sample events, mf + state, the shipped mfllm-mini on CPU) that is re-run to check that
-finished work is skipped and an incomplete run is resumed to the same result."""
+"""`mfllm bench fidelity`: row specs, settings, the relative-KL arithmetic, the fair scoring rule on
+synthetic crowds whose truth is known, and a tiny real end-to-end bench (2 shipped sample events, mf +
+state, 2 replicas, the shipped mfllm-mini on CPU) that is re-run to check that finished work is skipped
+and an incomplete replica is resumed to the same result."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -17,6 +19,8 @@ from mfllm.bench.fidelity import (
     HORIZONS,
     FidelitySettings,
     compare_pair,
+    label_rows,
+    mf_oracle,
     parse_methods,
     parse_variant,
     relative_kl,
@@ -24,7 +28,15 @@ from mfllm.bench.fidelity import (
     sim_config,
 )
 from mfllm.cli.bench import bench_app
+from mfllm.data.load import load_events
+from mfllm.data.schema import Action, Profile
 from mfllm.errors import ConfigError
+from mfllm.evaluation import distributions as D
+from mfllm.evaluation.metrics import FAIR, PAPER
+from mfllm.labels.base import ActionLabels
+from mfllm.labels.dimensions import DIMENSIONS
+from mfllm.paths import SAMPLE_DATA
+from mfllm.store.replicas import base_event_id
 from mfllm.store.run import read_steps
 
 TABLE_METRICS = ("kl", "js", "wasserstein", "dtw", "micro_f1")
@@ -129,7 +141,7 @@ def _marginal(tmp: Path) -> Path:
 def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     args = ["fidelity", "--limit", "2", "--methods", "state,mf", "--max-agents", "8", "--step-size", "4", "--warmup", "16",
-            "--seed", "3", "--label-cache", str(tmp / "labels.sqlite"), "--marginal", str(_marginal(tmp)),
+            "--seed", "3", "--replicas", "2", "--label-cache", str(tmp / "labels.sqlite"), "--marginal", str(_marginal(tmp)),
             "--bootstrap", "200", "--quiet", "--out", str(tmp / "out")]
     res = CliRunner().invoke(bench_app, args)
     assert res.exit_code == 0, res.output
@@ -139,8 +151,15 @@ def bench(tmp_path_factory):
 def test_results_json_has_the_documented_shape(bench):
     out, _, output = bench
     r = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert r["schema"] == 1 and r["n_events"] == 2
-    assert r["rows"] == ["mf", "state", "persistence", "marginal"]
+    assert r["schema"] == 2 and r["n_events"] == 2
+    # the sample has no training split: marginal-sampled and mf-oracle are left out, with a warning
+    assert r["rows"] == ["mf", "state", "persistence", "marginal", "persistence-sampled", "oracle-sampled"]
+    assert any("mf-oracle left out" in w for w in r["warnings"])
+    assert r["scoring"]["replicas"] == 2 and r["scoring"]["alpha"] == 0.5 and r["scoring"]["bins"]["by"] == "steps"
+    assert r["paper"]["scoring"]["eps"] == 1e-6 and set(r["paper"]["methods"]) == set(r["rows"])
+    for block in (r, r["without_keywords"], r["paper"], r["paper"]["without_keywords"]):
+        assert set(block["methods"]) == set(r["rows"])
+        assert block["ceiling"]["kl"]["n"] == 2
     for row in r["rows"]:
         for m in TABLE_METRICS:
             for h in HORIZONS:
@@ -158,10 +177,10 @@ def test_results_json_has_the_documented_shape(bench):
     assert sum(d["n_events"] for d in r["domains"].values()) == 2
     assert set(r["dimensions"]["mf"]["long"]) >= {"stance", "keywords"}
     c = r["cost"]["mf"]
-    assert c["agents"] == 16 and c["llm_requests"] == 16 and c["prompt_tokens_per_agent"] > 0
+    assert c["agents"] == 32 and c["llm_requests"] == 32 and c["replicas"] == 2 and c["prompt_tokens_per_agent"] > 0
     assert r["settings"]["seed"] == 3 and r["settings"]["max_agents"] == 8 and r["settings"]["warmup"] == 16
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert "| mf |" in md and "persistence" in md and "Relative KL change" in md
+    assert "| mf |" in md and "persistence" in md and "Relative KL change" in md and "paper's rule" in md
     assert render_markdown(r) == md  # results.md is rendered from results.json alone
     assert "relative KL mf long" in output
 
@@ -169,18 +188,26 @@ def test_results_json_has_the_documented_shape(bench):
 def test_runs_are_real_run_directories_with_the_same_agents(bench, tmp_path):
     out, _, _ = bench
     res = CliRunner().invoke(__import__("mfllm.cli", fromlist=["app"]).app,
-                             ["export", str(out / "runs" / "mf"), "--to", str(tmp_path / "a.jsonl")])
+                             ["export", str(out / "runs" / "mf" / "r1"), "--to", str(tmp_path / "a.jsonl")])
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {"event_id", "step", "agent_id", "phase", "real_text", "sim_text"} <= set(rows[0])
 
     def rollout_agents(run):
-        return [(s["event_id"], a["action_id"]) for s in read_steps(out / "runs" / run)
+        return [(base_event_id(s["event_id"]), a["action_id"]) for s in read_steps(out / "runs" / run)
                 if s["phase"] == "rollout" for a in s["actions"]]
 
-    assert rollout_agents("mf") == rollout_agents("state")  # same events, warm-up and cap
-    cfg = {r: json.loads((out / "runs" / r / "config.json").read_text())["sim"] for r in ("mf", "state")}
-    assert cfg["mf"]["seed"] == cfg["state"]["seed"] == 3 and cfg["mf"]["warmup"] == cfg["state"]["warmup"]
+    def sims(run):
+        return [a["sim_text"] for s in read_steps(out / "runs" / run) if s["phase"] == "rollout" for a in s["actions"]]
+
+    # same events, warm-up and cap in every row and replica; replica 1 is another crowd of the same agents
+    assert rollout_agents("mf/r0") == rollout_agents("state/r0") == rollout_agents("mf/r1")
+    assert sims("mf/r0") != sims("mf/r1")
+    cfg = {r: json.loads((out / "runs" / r / "config.json").read_text()) for r in ("mf/r0", "state/r0", "mf/r1")}
+    assert cfg["mf/r0"]["sim"]["seed"] == cfg["state/r0"]["sim"]["seed"] == 3
+    assert cfg["mf/r0"]["sim"]["warmup"] == cfg["state/r0"]["sim"]["warmup"]
+    assert [base_event_id(e) for e in cfg["mf/r1"]["events"]] == cfg["mf/r0"]["events"]
+    assert all(e.endswith("#r1") for e in cfg["mf/r1"]["events"])
 
 
 def test_rerun_skips_finished_runs_and_resumes_an_incomplete_one(bench):
@@ -189,7 +216,7 @@ def test_rerun_skips_finished_runs_and_resumes_an_incomplete_one(bench):
     assert res.exit_code == 0, res.output
     assert re.search(r"mf: complete, skipped", res.output) and re.search(r"state: complete, skipped", res.output)
 
-    run = out / "runs" / "state"
+    run = out / "runs" / "state" / "r1"
     before = [(s["event_id"], s["step"], [a["sim_text"] for a in s["actions"]]) for s in read_steps(run)]
     lines = (run / "steps.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     keep = next(i for i, ln in enumerate(lines) if '"phase":"rollout"' in ln) + 1  # one rollout step kept
@@ -203,7 +230,7 @@ def test_rerun_skips_finished_runs_and_resumes_an_incomplete_one(bench):
     cost = json.loads((out / "cost.json").read_text())
     assert [s["mode"] for s in cost["state"]] == ["new", "resumed"]
     r = json.loads((out / "results.json").read_text())
-    assert r["cost"]["state"]["agents"] == 16
+    assert r["cost"]["state"]["agents"] == 32
 
 
 def test_a_run_made_with_other_settings_is_refused(bench):
@@ -223,7 +250,7 @@ def test_reference_must_be_a_mean_field_row(bench):
 def test_a_run_from_before_a_setting_existed_is_still_accepted(bench):
     """A run directory written before a SimConfig field was added ran with that field's default."""
     out, args, _ = bench
-    cfg_path = out / "runs" / "mf" / "config.json"
+    cfg_path = out / "runs" / "mf" / "r0" / "config.json"
     original = cfg_path.read_text()
     cfg = json.loads(original)
     cfg["sim"].pop("meanfield_max_new_tokens")
@@ -241,3 +268,129 @@ def test_builtin_names_are_documented():
     doc = (Path(__file__).parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
     for name in BUILTIN:
         assert f"`{name}`" in doc
+
+
+# ----------------------------------------------------------------------------------- settings
+
+
+def test_settings_command_names_every_changed_field_and_reads_back():
+    s = FidelitySettings(out="o", data="d", split="test", limit=50, max_agents=96, step_size=8, replicas=3,
+                         alpha=0.25, variants=["a=mf:tf=true", "b=state"], backend_options={"device": "cpu"})
+    cmd = s.command()
+    assert cmd.startswith("mfllm bench fidelity --data d --split test --limit 50")
+    for part in ("--max-agents 96", "--step-size 8", "--replicas 3", "--alpha 0.25", "--variant a=mf:tf=true",
+                 "--variant b=state", "--seed 0", "--warmup 48", "--device cpu", "--out o"):
+        assert part in cmd, part
+    assert "--bootstrap" not in cmd and "--progress" not in cmd and "--backend" not in cmd
+    with pytest.raises(ValueError):
+        FidelitySettings(out="o", split="nope")
+    with pytest.raises(ValueError):
+        FidelitySettings(out="o", replicas=0)
+    assert parse_methods("none") == []
+
+
+# ----------------------------------------------------------------------------------- the fair rule
+
+
+def _labels(rng, mix: dict[str, np.ndarray]) -> ActionLabels:
+    return ActionLabels(labels={d: DIMENSIONS[d][rng.choice(len(DIMENSIONS[d]), p=mix[d])] for d in DIMENSIONS},
+                        keywords=[])
+
+
+def _synthetic_events(n_events=30, n_warm=48, n_roll=96, step=8, drift=0.2, seed=0):
+    """Events with an event-specific label mix: the warm-up is drawn from it, the rollout from the mix
+    drifted by ``drift`` toward a fresh one (an informative warm-up, as on real events); the training
+    pool is drawn from the rollout mixes averaged over events (the marginal)."""
+    rng = np.random.default_rng(seed)
+    sks, mixes = {}, []
+    for i in range(n_events):
+        wmix = {d: rng.dirichlet(np.full(len(c), 0.7)) for d, c in DIMENSIONS.items()}
+        rmix = {d: (1 - drift) * wmix[d] + drift * rng.dirichlet(np.full(len(c), 0.7)) for d, c in DIMENSIONS.items()}
+        mixes.append(rmix)
+        warm = [_labels(rng, wmix) for _ in range(n_warm)]
+        real = [_labels(rng, rmix) for _ in range(n_roll)]
+        ev = D.EventLabels(f"e{i}", warm, [j // step for j in range(n_warm)], real, [None] * n_roll,
+                           [j // step for j in range(n_roll)])
+        sks[ev.event_id] = label_rows.Skeleton(ev, [warm], [])
+    avg = {d: np.mean([m[d] for m in mixes], axis=0) for d in DIMENSIONS}
+    pool = [_labels(rng, avg) for _ in range(5000)]
+    marginal = {"distributions": {d: dict(zip(c, avg[d], strict=True)) for d, c in DIMENSIONS.items()},
+                "n_labelled": 5000}
+    return sks, pool, marginal
+
+
+def _long_means(scored: dict, metric: str) -> dict[str, float]:
+    rows = next(iter(scored.values()))["scores"]
+    return {r: float(np.mean([np.mean([v["scores"][r]["long"]["dimensions"][d][metric] for d in DIMENSIONS])
+                              for v in scored.values()])) for r in rows}
+
+
+def test_fair_rule_ranks_the_oracle_first_and_an_informative_warmup_above_the_marginal():
+    sks, pool, marginal = _synthetic_events()
+    scored = label_rows.score(sks, {"fair": FAIR, "paper": PAPER}, 4, 0, marginal, 10, pool, None)
+    for metric in ("kl", "js"):
+        fair = _long_means(scored["fair"], metric)
+        assert set(fair) == {"persistence", "marginal", "persistence-sampled", "marginal-sampled", "oracle-sampled"}
+        assert min(fair, key=fair.get) == "oracle-sampled", (metric, fair)
+        assert fair["persistence-sampled"] < fair["marginal-sampled"], (metric, fair)
+        assert fair["persistence"] < fair["marginal"], (metric, fair)
+    # the oracle is lowest on (nearly) every event, not only on average
+    share = np.mean([min(v["scores"], key=lambda r: v["scores"][r]["long"]["macro"]["kl"]) == "oracle-sampled"
+                     for v in scored["fair"].values()])
+    assert share >= 0.9
+    # the paper's rule (eps = 1e-6, one crowd) puts both smooth baselines above a sampler of the truth
+    paper = _long_means(scored["paper"], "kl")
+    assert max(paper["persistence"], paper["marginal"]) < paper["oracle-sampled"]
+
+
+def test_mf_oracle_learns_to_follow_the_shares_and_runs_closed_loop():
+    """Agents copy the current majority stance: the model must learn it from the lagged shares."""
+    rng = np.random.default_rng(1)
+    prof = Profile(uid="u")
+
+    def act(i):
+        return Action(action_id=str(i), agent_id="u", time=float(i), text="", parent=None, profile=prof)
+
+    events = []
+    for _ in range(60):
+        lead = DIMENSIONS["stance"][rng.integers(3)]
+        steps, cur = [], lead
+        for s in range(8):
+            step = []
+            for j in range(8):
+                labs = {d: c[0] for d, c in DIMENSIONS.items()} | {
+                    "stance": cur if rng.random() < 0.9 else DIMENSIONS["stance"][rng.integers(3)]}
+                step.append((act(s * 8 + j), ActionLabels(labels=labs)))
+            steps.append(step)
+        events.append(steps)
+    xs, ys = [], []
+    for steps in events:
+        x, y = mf_oracle.training_rows(steps)
+        xs += x
+        ys += y
+    model = mf_oracle.fit(xs, ys)
+    assert model.fit_info["log_loss"]["stance"] < model.fit_info["marginal_log_loss"]["stance"] - 0.3
+    warm = [[ActionLabels(labels={"stance": "oppose"})] * 8] * 2
+    crowd = mf_oracle.closed_loop(model, warm, [[act(i) for i in range(8)]] * 4, np.random.default_rng(0), [])
+    assert len(crowd) == 32 and np.mean([al.labels["stance"] == "oppose" for al in crowd]) > 0.7
+
+
+# ----------------------------------------------------------------------------------- pooling, end to end
+
+
+def test_replica_runs_are_pooled_and_the_label_rows_score_the_same_agents(bench):
+    out, _, _ = bench
+    from mfllm.evaluation.evaluate import evaluate
+    from mfllm.labels.rules import RulesLabeler
+
+    one = evaluate(out / "runs" / "mf" / "r0", labeler="rules", cache="")
+    pooled = evaluate(out / "runs" / "mf", labeler="rules", cache="")
+    listed = evaluate([out / "runs" / "mf" / "r0", out / "runs" / "mf" / "r1"], labeler="rules", cache="")
+    assert one.metrics["scoring"]["replicas_pooled"] == 1 and pooled.metrics["scoring"]["replicas_pooled"] == 2
+    assert listed.metrics["events"] == pooled.metrics["events"]
+    for e, ev in pooled.events.items():
+        assert len(ev.sims) == 2 and ev.sim == one.events[e].sim
+    sks = label_rows.skeletons(load_events(SAMPLE_DATA, event_ids=list(pooled.events)).events, RulesLabeler(),
+                               16, 4, 8, D.Binning())
+    for e, ev in pooled.events.items():  # the LLM-free rows see exactly the run's real actions and bins
+        assert sks[e].labels.real == ev.real and sks[e].labels.bins == ev.bins and sks[e].labels.warmup == ev.warmup

@@ -17,7 +17,7 @@ from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation.compare import compare_runs
 from mfllm.evaluation.evaluate import evaluate_run, load_run, score
-from mfllm.evaluation.metrics import METRICS
+from mfllm.evaluation.metrics import METRICS, PAPER, Scoring
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
@@ -149,8 +149,8 @@ def test_score_hand_values():
     rc = D.bin_counts(ev.real, ev.bins, 2, "stance", cats)
     items = [D.agent_item(a, "stance") for a in real]
     pred = D.sim_prediction(ev, "stance", cats)
-    short = score(rc, pred, items, ev.bins, 1)
-    long = score(rc, pred, items, ev.bins, 2)
+    short = score(rc, pred, items, ev.bins, 1, PAPER)
+    long = score(rc, pred, items, ev.bins, 2, PAPER)
     js0 = 0.311278124459  # JS([1,0,0], [.5,.5,0]) base 2
     assert short["tv"] == pytest.approx(0.5) and long["tv"] == pytest.approx(0.25)
     assert short["js"] == pytest.approx(js0) and long["js"] == pytest.approx(js0 / 2)
@@ -160,6 +160,17 @@ def test_score_hand_values():
     assert short["kl"] == pytest.approx(np.log(2), rel=1e-4) and long["kl"] == pytest.approx(
         np.log(2) / 2, rel=1e-4
     )
+    # the fair rule: counts smoothed with alpha on both sides (bin 0: real [2, 0, 0], sim [1, 1, 0])
+    fair = score(rc, pred, items, ev.bins, 1, Scoring(alpha=0.5))
+    p, q = np.array([2.5, 0.5, 0.5]) / 3.5, np.array([1.5, 1.5, 0.5]) / 3.5
+    assert fair["kl"] == pytest.approx(float(np.sum(p * np.log(p / q))))
+    assert fair["tv"] == short["tv"] and fair["wasserstein"] == short["wasserstein"]  # unsmoothed
+    # a second crowd is pooled per bin: bin 0 sim [1, 1, 0] + [2, 0, 0]
+    ev.more_sims.append([_al("support"), _al("support"), _al("oppose"), _al("oppose")])
+    two = score(rc, D.sim_prediction(ev, "stance", cats), items, ev.bins, 1, Scoring(alpha=0.5))
+    q2 = np.array([3.5, 1.5, 0.5]) / 5.5
+    assert two["kl"] == pytest.approx(float(np.sum(p * np.log(p / q2))))
+    assert two["micro_f1"] == pytest.approx(0.75)  # (1 + 2) of 4 agent-crowd pairs right
     # persistence: warm-up [oppose, neutral] -> [0, .5, .5] every bin, per agent "oppose" (first of the tie)
     per = D.persistence_prediction(ev, "stance", cats)
     s = score(rc, per, items, ev.bins, 2)

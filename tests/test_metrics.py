@@ -213,9 +213,9 @@ def test_persistence_and_marginal_predictions():
     p = D.persistence_prediction(ev, "stance", cats)
     assert p.dist.shape == (2, 3)
     assert p.dist[1] == pytest.approx([0, 2 / 3, 1 / 3])
-    assert p.items == ["oppose"] * 4
+    assert p.items == [["oppose"] * 4]  # one crowd: the majority label for every agent
     pk = D.persistence_prediction(ev, "keywords", D.categories("keywords", ("警察",)))
-    assert pk.dist[0] == pytest.approx([1 / 3, 2 / 3]) and pk.items[0] == frozenset({"辟谣"})
+    assert pk.dist[0] == pytest.approx([1 / 3, 2 / 3]) and pk.items[0][0] == frozenset({"辟谣"})
     assert D.persistence_prediction(_event([], ev.real, ev.sim, ev.bins), "stance", cats) is None
 
     marg = {
@@ -223,9 +223,9 @@ def test_persistence_and_marginal_predictions():
         "keywords": {"total": 10, "counts": {"警察": 4, "谣言": 6}},
     }
     m = D.marginal_prediction(marg, ev, "stance", cats)
-    assert m.dist[0] == pytest.approx([0.2, 0.5, 0.3]) and m.items[0] == "oppose"
+    assert m.dist[0] == pytest.approx([0.2, 0.5, 0.3]) and m.items[0][0] == "oppose"
     mk = D.marginal_prediction(marg, ev, "keywords", D.categories("keywords", ("警察",)))
-    assert mk.dist[0] == pytest.approx([0.4, 0.6]) and mk.items[0] == frozenset({"谣言"})
+    assert mk.dist[0] == pytest.approx([0.4, 0.6]) and mk.items[0][0] == frozenset({"谣言"})
     assert D.marginal_prediction(None, ev, "stance", cats) is None
     assert D.marginal_prediction({"distributions": {}}, ev, "stance", cats) is None
 

@@ -357,7 +357,7 @@ def test_bench_fidelity_killed_then_rerun_equals_one_session(cli, tmp_path):
         pytest.skip("bench fidelity options changed")
     a = tmp_path / "a"
     p = cli.start(*args, "--out", a)
-    mf_steps = a / "runs" / "mf" / STEPS
+    mf_steps = a / "runs" / "mf" / "r0" / STEPS
     t0 = time.monotonic()
     while not (mf_steps.exists() and mf_steps.read_bytes().count(b"\n") >= 2):
         assert p.poll() is None, p.communicate()[1][-3000:]
@@ -370,7 +370,8 @@ def test_bench_fidelity_killed_then_rerun_equals_one_session(cli, tmp_path):
     res = cli.run(*args, "--out", b)
     assert res.returncode == 0, res.stderr[-3000:]
     for row in ("mf", "state"):
-        assert load_records(a / "runs" / row) == load_records(b / "runs" / row), row
+        for k in ("r0", "r1", "r2", "r3"):  # the default 4 replicas
+            assert load_records(a / "runs" / row / k) == load_records(b / "runs" / row / k), (row, k)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["methods"] == rb["methods"]
 

@@ -21,16 +21,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mfllm.errors import MfllmError
+from mfllm.bench.fidelity.settings import FidelitySettings
+from mfllm.cli.errors import fail
+from mfllm.errors import MfllmError, from_validation
+from mfllm.files import atomic_write_text
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 
+_FID_DEFAULTS = FidelitySettings.model_fields  # the CLI's defaults come from the settings model
 bench_app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-_err = Console(stderr=True)
-
-
-def _fail(e: MfllmError) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=getattr(e, "exit_code", 2))
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
@@ -54,7 +52,8 @@ def fidelity_command(
     events: Annotated[str | None, typer.Option(help="Comma-separated event ids.")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated rows: mf, state, recent, popular; ablations "
                                               "mf-llm (LLM mean field), mf-tf (teacher forcing), diagnostics "
-                                              "mf-empty (empty mean field), mf-shuffled (another event's).")]
+                                              "mf-empty (empty mean field), mf-shuffled (another event's); none: only "
+                                              "the LLM-free rows.")]
     = "mf,state,recent,popular",
     variant: Annotated[list[str] | None, typer.Option(
         help="Extra row NAME=BASE[:key=val,...]; keys meanfield|mf (stats|llm), tf (true|false), "
@@ -95,6 +94,15 @@ def fidelity_command(
     bin_size: Annotated[float, typer.Option(help="Steps / actions / seconds per bin.")] = 1,
     reports: Annotated[bool, typer.Option(help="Also write each run's plots/ and report.html.")] = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the relative-KL intervals.")] = 2000,
+    replicas: Annotated[int, typer.Option(help="Seeded crowds per event for every simulated and sampled row "
+                                               "(runs/ROW/r0, r1, ...), pooled per bin when scored.")]
+    = _FID_DEFAULTS["replicas"].default,
+    alpha: Annotated[float, typer.Option(help="Pseudo-count per category of the fair scoring rule (additive "
+                                              "smoothing of both sides' counts, KL and JS).")]
+    = _FID_DEFAULTS["alpha"].default,
+    train_events: Annotated[int, typer.Option(help="Training-split events the mf-oracle and marginal-sampled "
+                                                   "rows are built from.")]
+    = _FID_DEFAULTS["train_events"].default,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run every method on the same events and score them side by side (the paper's table).
@@ -102,7 +110,7 @@ def fidelity_command(
     Example (a few minutes on a CPU): mfllm bench fidelity --data mfllm/assets/ced-sample --limit 10
     --max-agents 96 --out runs/fid-sample
     """
-    from mfllm.bench.fidelity import FidelitySettings, run_fidelity
+    from mfllm.bench.fidelity import run_fidelity
 
     con = Console(stderr=True)
     try:
@@ -116,12 +124,13 @@ def fidelity_command(
             warmups=_ints(warmups, "warmups"), max_agents=max_agents, step_size=step_size, meanfield=meanfield,
             events_in_flight=events_in_flight, policy_adapter=policy_adapter, meanfield_adapter=meanfield_adapter,
             label=label, min_rollout=min_rollout, reference=reference, bin_by=bin_by, bin_size=bin_size, reports=reports,
-            bootstrap=bootstrap, progress=not quiet)
+            bootstrap=bootstrap, replicas=replicas, alpha=alpha, train_events=train_events,
+            progress=not quiet)
         r = run_fidelity(s, console=con)
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     except ValueError as e:  # pydantic validation of options
-        raise _fail(MfllmError(str(e))) from None
+        raise fail(from_validation(e)) from None
     print_summary(r)
     con.print(f"[green]wrote[/] {out / 'results.json'} and {out / 'results.md'}", highlight=False)
 
@@ -175,7 +184,7 @@ def model_command(
     try:
         r = model_report(model, data, split=split, limit=limit, agents_per_event=agents, seed=seed)
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for name, v in r["nll"].items():
         typer.echo(f"{name:10s} {v['nll_per_char']:.3f} nats/char  {v['nll_per_token']:.3f} nats/token")
     typer.echo(f"plain reposts: simulated {r['repost_share']['simulated']:.1%}, real {r['repost_share']['real']:.1%}")
@@ -183,7 +192,7 @@ def model_command(
     for s in r["samples"]:
         typer.echo(f"  {s['real'][:30]!r} -> {s['simulated'][:30]!r}")
     if json_out:
-        json_out.write_text(json.dumps(r, ensure_ascii=False, indent=1))
+        atomic_write_text(json_out, json.dumps(r, ensure_ascii=False, indent=1))
 
 
 @bench_app.command("throughput")
@@ -233,9 +242,9 @@ def throughput_command(
         s.command = "mfllm bench throughput " + " ".join(shlex.quote(a) for a in s.as_args())
         r = run_throughput(s, log=None if quiet else (lambda m: con.print(m, highlight=False)))
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     except ValueError as e:  # pydantic validation of options
-        raise _fail(MfllmError(str(e))) from None
+        raise fail(from_validation(e)) from None
     n = r["engine"][-1]["agents"]
     typer.echo(f"engine: {r['agents_per_s']} agents/s at N={n}; naive (one agent per call): "
                f"{r['naive']['agents_per_s']} agents/s; speed-up {r['speedup']}x "

@@ -1,7 +1,7 @@
 """Compare several evaluated runs (methods) side by side, over the events they all cover.
 
 ``compare_runs([RUN_A, RUN_B, ...])`` reads each RUN_DIR/metrics.json (evaluating the run first if it
-has none), keeps the events common to every run, recomputes each method's mean / std / 95% CI over
+has none; a RUN_DIR may be a folder of replica runs r0/, r1/, ..., evaluated pooled), keeps the events common to every run, recomputes each method's mean / std / 95% CI over
 those events, adds the LLM-free baselines (persistence, marginal: they depend only on the real
 data, so they are taken from the first run) and reports the relative KL change of every ``mf`` run
 against the best non-MF method and against each baseline: ``(KL_mf - KL_other) / KL_other``
@@ -22,7 +22,7 @@ from mfllm.evaluation import metrics as M
 from mfllm.evaluation.evaluate import BASELINES, SCHEMA_VERSION, evaluate_run, fmt, metric_header
 
 MF = "mf"
-_MUST_MATCH = ("labeler", "binning", "keywords_top_n", "eps")
+_MUST_MATCH = ("labeler", "binning", "keywords_top_n", "eps", "scoring")
 
 
 def _load_metrics(run_dir: Path, evaluate_missing: bool, evaluate_kwargs: dict) -> dict:

@@ -21,13 +21,14 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mfllm.errors import ConfigError, DataError
+from mfllm.files import atomic_write_text
 from mfllm.labels.base import ActionLabels, Labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS
 
@@ -176,7 +177,9 @@ def agent_item(al: ActionLabels | None, dim: str) -> str | frozenset[str] | None
 
 @dataclass(slots=True)
 class EventLabels:
-    """One event's labelled actions: the warm-up's real actions and the rollout's (real, sim) pairs."""
+    """One event's labelled actions: the warm-up's real actions and the rollout's (real, sim) pairs.
+    ``more_sims`` holds the simulated labels of further replica crowds of the same agents (replica 1,
+    2, ...), each aligned with ``real``; ``sims`` is every crowd, replica 0 first."""
 
     event_id: str
     warmup: list[ActionLabels | None]
@@ -184,6 +187,11 @@ class EventLabels:
     real: list[ActionLabels | None]
     sim: list[ActionLabels | None]
     bins: list[int]  # rollout bin of each (real, sim) pair
+    more_sims: list[list[ActionLabels | None]] = field(default_factory=list)
+
+    @property
+    def sims(self) -> list[list[ActionLabels | None]]:
+        return [self.sim, *self.more_sims]
 
     @property
     def n_bins(self) -> int:
@@ -199,29 +207,43 @@ class EventLabels:
 
 @dataclass(slots=True)
 class Prediction:
-    """What a source (the simulation or a baseline) says about the rollout, for one dimension:
-    a (n_bins, K) distribution per bin (NaN rows = no data) and one item per rollout agent."""
+    """What a source (a simulated crowd, a sampled baseline or a smooth baseline) says about the rollout,
+    for one dimension: (n_bins, K) label *counts* per bin (a smooth baseline: the counts its distribution
+    was estimated from; NaN rows = no data) and, per crowd, one item per rollout agent (micro-F1)."""
 
-    dist: np.ndarray
-    items: list[str | frozenset[str] | None]
+    counts: np.ndarray
+    items: list[list[str | frozenset[str] | None]]
 
-
-def sim_prediction(ev: EventLabels, dim: str, cats: Sequence[str]) -> Prediction:
-    return Prediction(
-        dist=shares(bin_counts(ev.sim, ev.bins, ev.n_bins, dim, cats)),
-        items=[agent_item(al, dim) for al in ev.sim],
-    )
+    @property
+    def dist(self) -> np.ndarray:
+        return shares(self.counts)
 
 
-def _constant(dist: np.ndarray | None, item, ev: EventLabels) -> Prediction | None:
-    if dist is None:
+def crowd_prediction(crowds: Sequence[Sequence[ActionLabels | None]], ev: EventLabels, dim: str,
+                     cats: Sequence[str]) -> Prediction:
+    """Crowds of the rollout's agents (each aligned with ``ev.real``): counts pooled over the crowds per
+    bin, items per crowd. A bin where no crowd has a labelled action is NaN (no data)."""
+    c = sum(bin_counts(s, ev.bins, ev.n_bins, dim, cats) for s in crowds)
+    c = np.asarray(c, dtype=float)
+    c[c.sum(1) == 0] = np.nan
+    return Prediction(counts=c, items=[[agent_item(al, dim) for al in s] for s in crowds])
+
+
+def sim_prediction(ev: EventLabels, dim: str, cats: Sequence[str], pooled: bool = True) -> Prediction:
+    """The simulated crowd(s): every replica pooled, or replica 0 only."""
+    return crowd_prediction(ev.sims if pooled else ev.sims[:1], ev, dim, cats)
+
+
+def _constant(counts: np.ndarray | None, item, ev: EventLabels) -> Prediction | None:
+    if counts is None:
         return None
-    return Prediction(dist=np.tile(dist, (ev.n_bins, 1)), items=[item] * len(ev.real))
+    return Prediction(counts=np.tile(counts, (ev.n_bins, 1)), items=[[item] * len(ev.real)])
 
 
 def persistence_prediction(ev: EventLabels, dim: str, cats: Sequence[str]) -> Prediction | None:
-    """The warm-up's real distribution for every rollout bin; per agent, the warm-up's majority
-    category (keywords: the single most frequent warm-up keyword). None if the warm-up has no labels."""
+    """The warm-up's real distribution for every rollout bin (its counts: the warm-up's); per agent, the
+    warm-up's majority category (keywords: the single most frequent warm-up keyword). None if the warm-up
+    has no labels."""
     c = counts(ev.warmup, dim, cats)
     if c.sum() == 0:
         return None
@@ -230,14 +252,19 @@ def persistence_prediction(ev: EventLabels, dim: str, cats: Sequence[str]) -> Pr
         item: str | frozenset[str] = frozenset([kw.most_common(1)[0][0]])
     else:
         item = cats[int(np.argmax(c))]
-    return _constant(c / c.sum(), item, ev)
+    return _constant(c, item, ev)
+
+
+# A marginal file without its action count: its shares count as this many actions (smoothing ~ none).
+_MARGINAL_WEIGHT = 1e6
 
 
 def marginal_prediction(
     marginal: dict | None, ev: EventLabels, dim: str, cats: Sequence[str]
 ) -> Prediction | None:
-    """The training split's distribution for every rollout bin; per agent, its majority category
-    (keywords: the most frequent training keyword). None if unavailable for this dimension."""
+    """The training split's distribution for every rollout bin (counts: the training actions'); per
+    agent, its majority category (keywords: the most frequent training keyword). None if unavailable
+    for this dimension."""
     if marginal is None:
         return None
     if dim == KEYWORDS:
@@ -249,14 +276,15 @@ def marginal_prediction(
         row = np.array([float(kc.get(w, 0.0)) for w in cats[:-1]] + [0.0])
         row[-1] = max(total - row.sum(), 0.0)
         top = max(kc.items(), key=lambda x: x[1])[0]
-        return _constant(row / row.sum(), frozenset([top]), ev)
+        return _constant(row, frozenset([top]), ev)
     d = (marginal.get("distributions") or {}).get(dim)
     if not d:
         return None
     row = np.array([float(d.get(c, 0.0)) for c in cats])
     if row.sum() <= 0:
         return None
-    return _constant(row / row.sum(), cats[int(np.argmax(row))], ev)
+    n = float(marginal.get("n_labelled") or _MARGINAL_WEIGHT)
+    return _constant(row / row.sum() * n, cats[int(np.argmax(row))], ev)
 
 
 # --------------------------------------------------------------------------- the training marginal
@@ -322,9 +350,7 @@ def marginal_path(labeler_name: str, version: str) -> Path:
 def save_marginal(marginal: dict, path: str | os.PathLike | None = None) -> Path:
     p = Path(path) if path else marginal_path(marginal["labeler"], marginal["labeler_version"])
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(marginal, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(marginal, ensure_ascii=False, indent=1, sort_keys=True))
     return p
 
 
@@ -354,6 +380,7 @@ __all__ = [
     "categories",
     "compute_marginal",
     "counts",
+    "crowd_prediction",
     "horizon_bins",
     "keyword_vocab",
     "load_marginal",

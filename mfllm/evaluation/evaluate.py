@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,102 +22,67 @@ import numpy as np
 from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
+from mfllm.files import atomic_write_text
 from mfllm.labels.base import ActionLabels, Labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS
-from mfllm.store.run import STEPS, atomic_write_text, read_steps
+from mfllm.store.replicas import base_event_id, replica_dirs
+from mfllm.store.run import STEPS
+from mfllm.store.rundir import RunData, load_run  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
 BASELINES: tuple[str, ...] = ("persistence", "marginal")
 LABEL_BATCH = 256
 
 
-# --------------------------------------------------------------------------- reading the run
+# Reading the run directory lives in the store (load_run, RunData are re-exported here).
 
 
-def _read_steps(run_dir: Path) -> tuple[list[dict], int]:
-    """(good step records via the store's reader, number of non-empty lines not used).
+def resolve_run_dirs(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], Path]:
+    """(the run directories to pool, the folder metrics.json goes to).
 
-    The store's reader verifies each line's sha and stops at the first bad line (nothing after a
-    torn / corrupted line is trusted), so the count covers the bad line and everything after it.
-    """
-    recs = read_steps(run_dir)
-    with open(run_dir / STEPS, encoding="utf-8", errors="replace") as f:
-        n_lines = sum(1 for line in f if line.strip())
-    return recs, max(0, n_lines - len(recs))
-
-
-def _method_of(config: dict, run_dir: Path) -> str:
-    nested = [
-        (config.get(k) or {}).get("method") for k in ("sim", "simulation") if isinstance(config.get(k), dict)
-    ]
-    for cand in (config.get("method"), *nested):
-        if isinstance(cand, dict):
-            cand = cand.get("name")
-        if isinstance(cand, str) and cand:
-            return cand
-    return "sim"
-
-
-@dataclass(slots=True)
-class RunData:
-    run_dir: Path
-    config: dict
-    method: str
-    complete: bool
-    steps: dict[str, list[dict]]  # event_id -> step records, by step number
-    dropped_lines: int = 0
-    warnings: list[str] = field(default_factory=list)
+    One run directory -> itself. A folder holding replica runs ``r0/``, ``r1/``, ... -> those, pooled,
+    metrics in the folder. Several run directories (replicas of one run) -> those, metrics in their
+    common parent folder."""
+    if isinstance(run_dirs, str | os.PathLike):
+        run_dirs = [run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ConfigError("no run directory given")
+    if len(dirs) == 1:
+        d = dirs[0]
+        if d.is_dir() and not (d / STEPS).is_file() and (reps := replica_dirs(d)):
+            return reps, d
+        return dirs, d
+    parents = {d.resolve().parent for d in dirs}
+    if len(parents) != 1:
+        raise ConfigError("replica runs pooled together must sit in one folder (metrics.json is written there): "
+                          + ", ".join(map(str, dirs)))
+    return dirs, parents.pop()
 
 
-def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read a run directory (config.json, steps.jsonl, done.json). Raises DataError if unusable."""
-    rd = Path(run_dir)
-    if not rd.is_dir():
-        raise DataError(str(rd), "run directory not found")
-    if not (rd / STEPS).is_file():
-        raise DataError(
-            str(rd / "steps.jsonl"), "no steps.jsonl: not a run directory (or nothing simulated yet)"
-        )
-    config: dict = {}
-    if (rd / "config.json").is_file():
-        try:
-            config = json.loads((rd / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(str(rd / "config.json"), f"cannot read: {e}") from None
-        if not isinstance(config, dict):
-            raise DataError(str(rd / "config.json"), "expected a JSON object")
-    recs, bad = _read_steps(rd)
-    warnings: list[str] = []
-    if bad:
-        warnings.append(
-            f"{bad} line(s) of steps.jsonl from the first one failing its sha check on were ignored"
-        )
-    by_event: dict[str, dict[int, dict]] = {}
-    dup = 0
-    for i, r in enumerate(recs):
-        for key in ("event_id", "step", "phase", "actions"):
-            if key not in r:
-                raise DataError(str(rd / "steps.jsonl"), f"step record {i} has no {key!r}", field=key)
-        steps = by_event.setdefault(str(r["event_id"]), {})
-        if int(r["step"]) in steps:
-            dup += 1
-        steps[int(r["step"])] = r  # the last record of a step wins
-    if dup:
-        warnings.append(f"{dup} duplicate step record(s) in steps.jsonl; the last of each was used")
-    if not by_event:
-        raise DataError(str(rd / "steps.jsonl"), "no valid step record")
-    complete = (rd / "done.json").is_file()
-    if not complete:
-        warnings.append("run is incomplete (no done.json): metrics cover the steps written so far")
-    return RunData(
-        run_dir=rd,
-        config=config,
-        method=_method_of(config, rd),
-        complete=complete,
-        steps={e: [s[k] for k in sorted(s)] for e, s in by_event.items()},
-        dropped_lines=bad,
-        warnings=warnings,
-    )
+def _rollout_keys(steps: list[dict]) -> list[tuple[int, str]]:
+    return [(int(r["step"]), str(a.get("action_id"))) for r in steps if r["phase"] != "warmup"
+            for a in r["actions"] if not a.get("injected")]
+
+
+def pool_replicas(runs: Sequence[RunData], folder: Path) -> tuple[RunData, dict[str, list[list[dict]]]]:
+    """Replica runs of one method -> (RunData of replica 0 standing for the set, event -> step records of
+    every replica, replica 0 first). Replica ids (``E#rK``) are mapped back to their event."""
+    methods = {r.method for r in runs}
+    if len(methods) > 1:
+        raise ConfigError(f"replica runs of different methods cannot be pooled: {', '.join(sorted(methods))}")
+    first = runs[0]
+    per_event: dict[str, list[list[dict]]] = {}
+    for r in runs:
+        for e, steps in r.steps.items():
+            per_event.setdefault(base_event_id(e), []).append(steps)
+    warnings = [w for r in runs for w in r.warnings]
+    pooled = RunData(run_dir=folder, config=first.config, method=first.method,
+                     complete=all(r.complete for r in runs),
+                     steps={base_event_id(e): s for e, s in first.steps.items()},
+                     dropped_lines=sum(r.dropped_lines for r in runs),
+                     warnings=list(dict.fromkeys(warnings)))
+    return pooled, per_event
 
 
 # --------------------------------------------------------------------------- labelling
@@ -152,6 +117,23 @@ def label_texts(labeler: Labeler, texts: Sequence[str]) -> dict[str, ActionLabel
 # --------------------------------------------------------------------------- scoring
 
 
+def build_pooled_event_labels(
+    event_id: str, replicas: list[list[dict]], labels: dict[str, ActionLabels | None], binning: D.Binning,
+    warnings: list[str] | None = None,
+) -> D.EventLabels:
+    """Replica 0's event labels with every further replica's simulated labels as ``more_sims``. A replica
+    that does not cover the same rollout agents (e.g. still incomplete) is left out, with a warning."""
+    ev = build_event_labels(event_id, replicas[0], labels, binning)
+    keys = _rollout_keys(replicas[0])
+    for k, steps in enumerate(replicas[1:], 1):
+        if _rollout_keys(steps) != keys:
+            if warnings is not None:
+                warnings.append(f"event {event_id}: replica {k} does not cover the same rollout agents; left out")
+            continue
+        ev.more_sims.append(build_event_labels(event_id, steps, labels, binning).sim)
+    return ev
+
+
 def build_event_labels(
     event_id: str, steps: list[dict], labels: dict[str, ActionLabels | None], binning: D.Binning
 ) -> D.EventLabels:
@@ -180,11 +162,10 @@ def build_event_labels(
 
 
 _ROW_METRICS = (
-    ("kl", None),
-    ("js", M.js_rows),
     ("wasserstein", M.wasserstein_rows),
     ("tv", M.total_variation_rows),
 )
+_BIN_METRICS = ("kl", "js", "wasserstein", "tv")
 
 
 def score_horizons(
@@ -193,40 +174,42 @@ def score_horizons(
     real_items: Sequence,
     bins: Sequence[int],
     horizons: dict[str, int],
-    eps: float = M.DEFAULT_EPS,
+    scoring: M.Scoring = M.FAIR,
 ) -> dict[str, dict[str, float | None]]:
     """Score one source on one dimension at each horizon (name -> number of leading rollout bins).
 
-    KL/JS/W1/TV: per bin where both sides have data, then the mean over those bins.
-    DTW: over the share trajectories of those bins (bins without data dropped on each side).
-    micro-F1: over the agents in those bins. A metric with nothing to compare is None.
+    KL/JS (smoothed by the scoring rule) and W1/TV: per bin where both sides have data, then the mean
+    over those bins. DTW: over the share trajectories of those bins (bins without data dropped on each
+    side). micro-F1: over the agents in those bins, every crowd of the source against the real labels.
+    A metric with nothing to compare is None.
     """
     nb = real_counts.shape[0]
-    dist = pred.dist[:nb]
+    cnt = pred.counts[:nb]
     r_ok = real_counts.sum(1) > 0
-    s_ok = np.all(np.isfinite(dist), axis=1) & (np.nan_to_num(dist).sum(1) > 0)
+    s_ok = np.all(np.isfinite(cnt), axis=1) & (np.nan_to_num(cnt).sum(1) > 0)
     both = r_ok & s_ok
-    per = {m: np.full(nb, np.nan) for m, _ in _ROW_METRICS}
+    per = {m: np.full(nb, np.nan) for m in _BIN_METRICS}
     if both.any():
-        rc, sd = real_counts[both], dist[both]
-        per["kl"][both] = M.kl_rows(rc, sd, eps)
-        for m, fn in _ROW_METRICS[1:]:
-            per[m][both] = fn(rc, sd)
+        rc, sc = real_counts[both], cnt[both]
+        per["kl"][both], per["js"][both] = M.kl_js_rows(rc, sc, scoring)
+        for m, fn in _ROW_METRICS:
+            per[m][both] = fn(rc, sc)
     real_sh = D.shares(real_counts)
-    sim_sh = np.where(s_ok[:, None], np.nan_to_num(dist), np.nan)
+    sim_sh = np.where(s_ok[:, None], np.nan_to_num(cnt), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         sim_sh = sim_sh / sim_sh.sum(1, keepdims=True)
     out: dict[str, dict[str, float | None]] = {}
     for h, n_h in horizons.items():
         sel = both[:n_h]
         res: dict[str, float | None] = {
-            m: (float(per[m][:n_h][sel].mean()) if sel.any() else None) for m, _ in _ROW_METRICS
+            m: (float(per[m][:n_h][sel].mean()) if sel.any() else None) for m in _BIN_METRICS
         }
         rt, st = real_sh[:n_h][r_ok[:n_h]], sim_sh[:n_h][s_ok[:n_h]]
         res["dtw"] = M.dtw(rt, st) if len(rt) and len(st) else None
         idx = [i for i, b in enumerate(bins) if b < n_h]
         try:
-            res["micro_f1"] = M.micro_f1([real_items[i] for i in idx], [pred.items[i] for i in idx])
+            res["micro_f1"] = M.micro_f1([real_items[i] for _ in pred.items for i in idx],
+                                         [items[i] for items in pred.items for i in idx])
         except ValueError:
             res["micro_f1"] = None
         out[h] = res
@@ -239,10 +222,10 @@ def score(
     real_items: Sequence,
     bins: Sequence[int],
     n_h: int,
-    eps: float = M.DEFAULT_EPS,
+    scoring: M.Scoring = M.FAIR,
 ) -> dict[str, float | None]:
     """Score over the first ``n_h`` rollout bins (see :func:`score_horizons`)."""
-    return score_horizons(real_counts, pred, real_items, bins, {"h": n_h}, eps)["h"]
+    return score_horizons(real_counts, pred, real_items, bins, {"h": n_h}, scoring)["h"]
 
 
 def _macro(dims: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
@@ -253,39 +236,50 @@ def _macro(dims: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
     return out
 
 
+Crowds = Sequence[Sequence[ActionLabels | None]]
+
+
 def evaluate_event(
     ev: D.EventLabels,
-    method: str,
+    method: str | None,
     marginal: dict | None,
     keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
-    eps: float = M.DEFAULT_EPS,
+    scoring: M.Scoring = M.FAIR,
+    crowds: dict[str, Crowds] | None = None,
 ) -> dict[str, Any]:
-    """Per-event results: {"scores": {source: {horizon: {"macro": {...}, "dimensions": {...}}}}, ...}."""
+    """Per-event results: {"scores": {source: {horizon: {"macro": {...}, "dimensions": {...}}}}, ...}.
+
+    Sources: ``method`` (the run's simulated crowds ``ev.sims``; None = no run), the baselines, and each
+    of ``crowds`` (name -> crowds of the rollout's agents, e.g. sampled baselines), all scored by
+    ``scoring`` (``replicas="first"``: only each source's first crowd)."""
     vocab = ev.vocab(keywords_top_n)
     hb = D.horizon_bins(ev.n_bins)
-    sources = (method, *BASELINES)
+    all_crowds: dict[str, Crowds] = {**({method: ev.sims} if method else {}), **(crowds or {})}
+    if scoring.replicas == "first":
+        all_crowds = {k: list(v)[:1] for k, v in all_crowds.items()}
+    sources = (*([method] if method else []), *BASELINES, *(crowds or {}))
     scores: dict[str, dict[str, dict[str, dict]]] = {s: {h: {} for h in D.HORIZONS} for s in sources}
     available: dict[str, list[str]] = {s: [] for s in sources}
     for dim in ALL_DIMENSIONS:
         cats = D.categories(dim, vocab)
         real_counts = D.bin_counts(ev.real, ev.bins, ev.n_bins, dim, cats)
         real_items = [D.agent_item(al, dim) for al in ev.real]
-        preds = {
-            method: D.sim_prediction(ev, dim, cats),
-            "persistence": D.persistence_prediction(ev, dim, cats),
-            "marginal": D.marginal_prediction(marginal, ev, dim, cats),
-        }
-        for src, pred in preds.items():
+        preds = {src: D.crowd_prediction(c, ev, dim, cats) for src, c in all_crowds.items()}
+        preds["persistence"] = D.persistence_prediction(ev, dim, cats)
+        preds["marginal"] = D.marginal_prediction(marginal, ev, dim, cats)
+        for src in sources:
+            pred = preds[src]
             if pred is None or ev.n_bins == 0:
                 continue
             available[src].append(dim)
-            for h, res in score_horizons(real_counts, pred, real_items, ev.bins, hb, eps).items():
+            for h, res in score_horizons(real_counts, pred, real_items, ev.bins, hb, scoring).items():
                 scores[src][h][dim] = res
     return {
         "n_warmup_actions": len(ev.warmup),
         "n_rollout_actions": len(ev.real),
         "n_bins": ev.n_bins,
         "horizon_bins": hb,
+        "crowds": {s: len(c) for s, c in all_crowds.items()},
         "unlabelled": {
             "warmup": sum(al is None for al in ev.warmup),
             "real": sum(al is None for al in ev.real),
@@ -380,33 +374,37 @@ class Evaluation:
 
 
 def evaluate(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | Sequence[str | os.PathLike],
     labeler: str | Labeler = "rules",
     bin_size: float = 1,
     bin_by: str = "steps",
     cache: str | os.PathLike | None = None,
     marginal: Any = None,
     keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
-    eps: float = M.DEFAULT_EPS,
+    scoring: M.Scoring = M.FAIR,
     labeler_options: dict | None = None,
+    also: dict[str, M.Scoring] | None = None,
 ) -> Evaluation:
-    """Compute the metrics without writing anything. See :func:`evaluate_run`."""
+    """Compute the metrics without writing anything. See :func:`evaluate_run`. ``also``: further
+    scoring rules (name -> rule) whose summary and per-event scores go under ``metrics[name]``."""
     t0 = time.monotonic()
     binning = D.Binning(bin_by, bin_size)
     if keywords_top_n < 1:
         raise ConfigError("keywords top-N must be at least 1", field="keywords_top_n")
-    run = load_run(run_dir)
+    dirs, folder = resolve_run_dirs(run_dir)
+    run, replicas = pool_replicas([load_run(d) for d in dirs], folder)
     lab = resolve_labeler(labeler, cache, **(labeler_options or {}))
     texts: list[str] = []
-    for steps in run.steps.values():
-        for rec in steps:
-            for a in rec["actions"]:
-                if a.get("injected"):
-                    continue
-                if a.get("real_text") is not None:
-                    texts.append(a["real_text"])
-                if rec["phase"] != "warmup" and a.get("sim_text") is not None:
-                    texts.append(a["sim_text"])
+    for reps in replicas.values():
+        for steps in reps:
+            for rec in steps:
+                for a in rec["actions"]:
+                    if a.get("injected"):
+                        continue
+                    if a.get("real_text") is not None:
+                        texts.append(a["real_text"])
+                    if rec["phase"] != "warmup" and a.get("sim_text") is not None:
+                        texts.append(a["sim_text"])
     try:
         labels = label_texts(lab, texts)
         marg, marg_src = _resolve_marginal(marginal, lab)
@@ -416,63 +414,78 @@ def evaluate(
     warnings = list(run.warnings)
     if marg is None:
         warnings.append(f"marginal baseline unavailable: {marg_src}")
-    evs = {e: build_event_labels(e, steps, labels, binning) for e, steps in run.steps.items()}
-    per_event = {}
+    evs = {e: build_pooled_event_labels(e, reps, labels, binning, warnings) for e, reps in replicas.items()}
+    rules = {"": scoring, **(also or {})}
+    per_event: dict[str, dict[str, dict]] = {k: {} for k in rules}
     for e, ev in evs.items():
         if ev.n_bins == 0:
             warnings.append(f"event {e}: no rollout step; skipped")
             continue
         if not ev.warmup:
             warnings.append(f"event {e}: no warm-up; persistence baseline unavailable")
-        per_event[e] = evaluate_event(ev, run.method, marg, keywords_top_n, eps)
-    if not per_event:
-        raise DataError(str(run.run_dir / "steps.jsonl"), "no event has a rollout step: nothing to evaluate")
+        for k, rule in rules.items():
+            per_event[k][e] = evaluate_event(ev, run.method, marg, keywords_top_n, rule)
+    main = per_event[""]
+    if not main:
+        raise DataError(str(run.run_dir), "no event has a rollout step: nothing to evaluate")
     sources = [run.method, *BASELINES]
-    agg = aggregate(per_event, sources)
+    agg = aggregate(main, sources)
     metrics = {
         "schema": SCHEMA_VERSION,
         "run_dir": str(run.run_dir),
+        "replica_dirs": [str(d) for d in dirs] if len(dirs) > 1 or dirs[0] != folder else None,
         "method": run.method,
         "complete": run.complete,
         "labeler": {"name": str(getattr(lab, "name", "?")), "version": str(getattr(lab, "version", "?"))},
         "binning": binning.to_dict(),
         "horizons": {h: f"{n}/{d}" for h, (n, d) in D.HORIZON_FRACTIONS.items()},
         "keywords_top_n": keywords_top_n,
-        "eps": eps,
+        "eps": scoring.eps if scoring.smoothing == "eps" else None,
+        "scoring": {**scoring.describe(), "replicas_pooled": len(dirs) if scoring.replicas == "pooled" else 1},
         "metrics": list(M.METRICS),
         "higher_is_better": sorted(M.HIGHER_IS_BETTER),
+        "majority_biased": ["micro_f1"],
         "dimensions_list": list(ALL_DIMENSIONS),
         "sources": sources,
         "baselines": {"persistence": "warm-up real distribution carried forward", "marginal": marg_src},
-        "n_events": len(per_event),
+        "n_events": len(main),
         "n_actions": {
-            "warmup": sum(v["n_warmup_actions"] for v in per_event.values()),
-            "rollout": sum(v["n_rollout_actions"] for v in per_event.values()),
+            "warmup": sum(v["n_warmup_actions"] for v in main.values()),
+            "rollout": sum(v["n_rollout_actions"] for v in main.values()),
         },
         "summary": agg["summary"],
         "dimensions": agg["dimensions"],
-        "events": per_event,
-        "warnings": warnings,
-        "seconds": round(time.monotonic() - t0, 3),
+        "events": main,
     }
-    return Evaluation(run=run, metrics=metrics, events={e: evs[e] for e in per_event}, labels=labels)
+    for k, rule in (also or {}).items():
+        metrics[k] = {"scoring": {**rule.describe(), "replicas_pooled": len(dirs) if rule.replicas == "pooled" else 1},
+                      "summary": aggregate(per_event[k], sources)["summary"], "events": per_event[k]}
+    metrics["warnings"] = warnings
+    metrics["seconds"] = round(time.monotonic() - t0, 3)
+    return Evaluation(run=run, metrics=metrics, events={e: evs[e] for e in main}, labels=labels)
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | Sequence[str | os.PathLike],
     labeler: str | Labeler = "rules",
     bin_size: float = 1,
     bin_by: str = "steps",
     cache: str | os.PathLike | None = None,
     marginal: Any = None,
     keywords_top_n: int = D.DEFAULT_KEYWORDS_TOP_N,
-    eps: float = M.DEFAULT_EPS,
+    scoring: M.Scoring = M.FAIR,
     plots: bool = True,
     report: bool = True,
     max_event_plots: int | None = 50,
     labeler_options: dict | None = None,
+    also: dict[str, M.Scoring] | None = None,
 ) -> dict:
     """Evaluate RUN_DIR and write RUN_DIR/metrics.json (+ plots/ and report.html unless disabled).
+
+    RUN_DIR may be a folder of replica runs (r0/, r1/, ...) or a list of replica run directories: their
+    simulated crowds are pooled per bin (:func:`resolve_run_dirs`; metrics.json goes to that folder).
+    scoring: the rule (default :data:`metrics.FAIR`; :data:`metrics.PAPER` = the paper's, eps = 1e-6,
+    one crowd); ``also``: further rules recorded under metrics[name] (e.g. {"paper": PAPER}).
 
     labeler: "rules" (default), "llm" (needs labeler_options={"backend": ...}) or a Labeler.
     bin_by/bin_size: "steps" (steps per bin, default 1), "actions" (actions per bin) or "seconds"
@@ -481,7 +494,7 @@ def evaluate_run(
     a marginal dict / JSON path, or training events to compute it from. Returns the metrics dict.
     """
     result = evaluate(
-        run_dir, labeler, bin_size, bin_by, cache, marginal, keywords_top_n, eps, labeler_options
+        run_dir, labeler, bin_size, bin_by, cache, marginal, keywords_top_n, scoring, labeler_options, also
     )
     rd = result.run.run_dir
     plot_files = None

@@ -16,21 +16,60 @@ Conventions (all documented in docs/evaluation.md):
 - ``dtw`` is the mean over categories of dtaidistance's DTW between the real and simulated share
   series of that category (dtaidistance's DTW is the square root of the summed squared differences
   along the best warping path).
-- ``micro_f1`` is the per-agent micro-averaged F1 over categories.
+- ``micro_f1`` is the per-agent micro-averaged F1 over categories. It rewards predicting each agent's
+  majority label, so a sampled crowd (even one drawn from the true distribution) scores below a
+  predictor that always says the majority label: read it as majority-biased.
+
+Scoring rules (:class:`Scoring`): ``fair`` (the default) pools a source's replicas per bin and smooths
+*counts* on both sides (``(c + alpha) / (n + K alpha)``) before KL and JS; ``paper`` is the paper's rule:
+one crowd, ``eps`` added to the normalised shares (KL only). docs/evaluation.md says why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 import numpy as np
 from dtaidistance import dtw as _dtw
+from pydantic import BaseModel, Field
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 from scipy.stats import t as _student_t
 from scipy.stats import wasserstein_distance
 
 DEFAULT_EPS = 1e-6
+# Pseudo-count per category of the fair rule, chosen on the val split (docs/evaluation.md).
+DEFAULT_ALPHA = 0.5
+
+
+class Scoring(BaseModel, frozen=True, extra="forbid"):
+    """How a source's label counts in a bin are turned into the distribution KL / JS compare.
+
+    ``replicas``: ``pooled`` sums the counts of every replica crowd in the bin; ``first`` scores
+    replica 0 only (one crowd). ``smoothing``: ``additive`` adds ``alpha`` to every category's *count*
+    on both sides (real and source) and applies to KL and JS; ``eps`` adds ``eps`` to the normalised
+    shares (KL only), the paper's rule. W1, TV and DTW always compare the unsmoothed shares.
+    """
+
+    name: str = "fair"
+    replicas: Literal["pooled", "first"] = "pooled"
+    smoothing: Literal["additive", "eps"] = "additive"
+    alpha: float = Field(DEFAULT_ALPHA, gt=0)
+    eps: float = Field(DEFAULT_EPS, gt=0)
+
+    def describe(self) -> dict:
+        """What metrics.json / results.json record (only the parameter the smoothing uses)."""
+        d: dict = {"name": self.name, "replicas": self.replicas, "smoothing": self.smoothing}
+        if self.smoothing == "additive":
+            d["alpha"] = self.alpha
+        else:
+            d["eps"] = self.eps
+        return d
+
+
+FAIR = Scoring()
+PAPER = Scoring(name="paper", replicas="first", smoothing="eps")
 
 
 def normalize(p: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -138,6 +177,23 @@ def kl_rows(p, q, eps: float = DEFAULT_EPS) -> np.ndarray:
     a = (a + eps) / (a + eps).sum(1, keepdims=True)
     b = (b + eps) / (b + eps).sum(1, keepdims=True)
     return np.maximum(rel_entr(a, b).sum(1), 0.0)
+
+
+def additive_rows(counts, alpha: float) -> np.ndarray:
+    """Additive (Laplace / Lidstone) smoothing of count rows: ``(c + alpha) / (n + K alpha)``."""
+    c = np.asarray(counts, dtype=float)
+    if c.ndim != 2 or c.shape[1] == 0 or np.any(c < 0) or not alpha > 0:
+        raise ValueError("additive smoothing needs an (n, K) array of non-negative counts and alpha > 0")
+    c = c + alpha
+    return c / c.sum(1, keepdims=True)
+
+
+def kl_js_rows(p_counts, q_counts, scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+    """(KL, JS) per row under a scoring rule; rows are counts (or any non-negative weights)."""
+    if scoring.smoothing == "eps":
+        return kl_rows(p_counts, q_counts, scoring.eps), js_rows(p_counts, q_counts)
+    a, b = additive_rows(p_counts, scoring.alpha), additive_rows(q_counts, scoring.alpha)
+    return np.maximum(rel_entr(a, b).sum(1), 0.0), js_rows(a, b)
 
 
 def js_rows(p, q) -> np.ndarray:

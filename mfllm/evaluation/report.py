@@ -38,6 +38,14 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 """
 
 
+def _scoring(m: dict) -> str:
+    """The scoring rule in a few words (the paper's eps rule, or the fair additive one)."""
+    sc = m.get("scoring") or {}
+    if m.get("eps") is not None:
+        return f"KL eps {m['eps']:g}"
+    return f"KL/JS additive alpha {sc.get('alpha')}, {sc.get('replicas_pooled')} crowd(s) pooled"
+
+
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
@@ -195,7 +203,7 @@ def render_report(
         f"run <code>{_e(m['run_dir'])}</code> · {m['n_events']} event(s) · "
         f"{m['n_actions']['warmup']} warm-up / {m['n_actions']['rollout']} rollout actions · "
         f"labeler {_e(m['labeler']['name'])} v{_e(m['labeler']['version'])} · "
-        f"bins {_e(m['binning']['by'])}:{_e(m['binning']['size'])} · KL eps {m['eps']:g} · "
+        f"bins {_e(m['binning']['by'])}:{_e(m['binning']['size'])} · {_scoring(m)} · "
         f"{'complete' if m['complete'] else '<b>incomplete</b>'}</p>",
         f"<p class='muted'>marginal baseline: {_e(m['baselines']['marginal'])}</p>",
     ]
