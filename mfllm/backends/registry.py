@@ -6,6 +6,7 @@ from typing import Any
 
 from mfllm.backends.base import Backend
 from mfllm.backends.factory import build_backend
+from mfllm.backends.ray_pool import RayBackend  # light: Ray itself is imported only when a pool is made
 from mfllm.paths import DEFAULT_MODEL
 
 BACKENDS = ("hf", "openai", "vllm", "ray:hf", "ray:vllm")
@@ -18,7 +19,5 @@ def make_backend(name: str, **options: Any) -> Backend:
     if options.get("model") is None and key not in ("openai", "openai_api", "http"):
         options["model"] = str(DEFAULT_MODEL)  # a local backend given no model runs the shipped one
     if key == "ray" or key.startswith("ray:"):  # replicas of another backend on a Ray cluster
-        from mfllm.backends.ray_pool import RayBackend  # Ray is optional: imported only when asked for
-
         return RayBackend.from_options(key.partition(":")[2] or options.pop("inner", "hf"), **options)
     return build_backend(name, **options)
