@@ -259,3 +259,22 @@ def test_tune_config_refuses_bad_values_naming_the_field(tmp_path):
             ib.TuneConfig(out=str(tmp_path), **bad)
     cfg = ib.replace_cfg(ib.TuneConfig(out=str(tmp_path)), context="state")
     assert cfg.context == "state" and cfg.model_dump()["previous"] == "chain"
+
+
+def test_summaries_are_sampled_as_the_hf_backend_samples(tiny_model_dir, events):  # noqa: F811
+    """IB-Tune samples m through the HF backend's decoding loop: same seed, same settings -> the same text as
+    HFBackend.generate with stop="\\n" (what LLMMeanField asks at inference)."""
+    from mfllm.backends.base import GenerationRequest, SamplingParams
+    from mfllm.backends.hf import HFBackend
+
+    roles = ib.Roles(tiny_model_dir, "cpu")
+    texts = [meanfield_prompt(e.source.text[:40], "暂无回应", [], "zh") for e in events]
+    seeds = [11, 12, 13]
+    with roles.active(None) as model:
+        got = ib.generate(roles, model, roles.encode_prompts(texts), seeds, temperature=0.7, top_p=0.95,
+                          max_new_tokens=12)
+    be = HFBackend(tiny_model_dir, device="cpu")
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=12, stop=("\n",))
+    want = be.generate([GenerationRequest(t, seed=s, params=params) for t, s in zip(texts, seeds, strict=True)])
+    assert [g.text for g in got] == [" ".join(w.text.split()) for w in want]
+    assert any(g.text for g in got) and len({g.text for g in got}) > 1
