@@ -23,7 +23,6 @@ docs/performance.md for all fields).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -33,35 +32,36 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
 
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest
 from mfllm.bench.machine import cpu_name, load_avg, usable_cpus
 from mfllm.errors import ConfigError
+from mfllm.files import atomic_write_json
 
 SCHEMA = "mfllm.bench.throughput/1"
 
 
-@dataclass
-class ThroughputSettings:
-    agents: list[int] = field(default_factory=lambda: [100, 1000, 10000, 100000])
-    naive_agents: int = 64  # rollout agents the naive baseline simulates (one at a time)
+class ThroughputSettings(BaseModel, extra="forbid"):
+    agents: list[int] = Field(default_factory=lambda: [100, 1000, 10000, 100000])
+    naive_agents: int = Field(64, ge=1)  # rollout agents the naive baseline simulates (one at a time)
     data: str | None = None  # default: the shipped sample
     event: str | None = None  # default: the sample event with the most real actions
     model: str | None = None
     backend: str = "hf"
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 512  # hf: rows per decoding batch
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(512, ge=1)  # hf: rows per decoding batch
     num_threads: int | None = None  # hf on CPU (default: the backend's rule, 1 thread for mfllm-mini)
-    step_size: int = 512  # agents per step (the mean field is updated after every step)
-    warmup: int = 48
-    max_new_tokens: int = 48
+    step_size: int = Field(512, ge=1)  # agents per step (the mean field is updated after every step)
+    warmup: int = Field(48, ge=0)
+    max_new_tokens: int = Field(48, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    lang: str = "zh"
+    lang: Literal["zh", "en"] = "zh"
     keep_runs: str | None = None  # keep the run directories here (default: a temp dir, deleted)
     matmul_size: int = 1024
     progress: bool = False
@@ -329,7 +329,7 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
         "config": {k: v for k, v in config.model_dump().items()
                    if k in ("method", "meanfield", "step_size", "warmup", "max_new_tokens", "temperature", "top_p",
                             "seed", "lang")},
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("backend_options", "command")},
+        "settings": {k: v for k, v in settings.model_dump().items() if k not in ("backend_options", "command")},
     }
     work = Path(settings.keep_runs) if settings.keep_runs else Path(tempfile.mkdtemp(prefix="mfllm-bench-tp-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -453,11 +453,8 @@ def run_throughput(settings: ThroughputSettings, log: Callable[[str], None] | No
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
     p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(p, result, indent=1)
 
 
 __all__ = ["NaiveBackend", "SCHEMA", "ThroughputSettings", "context_growth", "matmul_peak", "run_throughput",
