@@ -180,16 +180,21 @@ def stats_cmd(
         raise typer.Exit(code=1)
 
 
-def _events_table(rows: list[dict], title: str) -> Table:
+def _events_table(rows: list[dict], title: str, width: int) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("event_id", "label", "split", "actions", "span (h)", "domain", "dropped", "source post"):
-        right = col in ("actions", "span (h)", "dropped")
-        table.add_column(col, justify="right" if right else "left", no_wrap=col != "source post")
-    for r in rows:
-        text = " ".join(r["source_text"].split())
-        table.add_row(r["event_id"], r["label"] or "-", r["split"], _fmt_int(r["actions"]),
-                      f"{r['span_hours']:,.1f}", r["domain"], _fmt_int(r["dropped"]),
-                      text if len(text) <= 30 else text[:29] + "…")
+    cells = [(r["event_id"], r["label"] or "-", r["split"], _fmt_int(r["actions"]), f"{r['span_hours']:,.1f}",
+              r["domain"], _fmt_int(r["dropped"])) for r in rows]
+    used = 0
+    for i, col in enumerate(("event_id", "label", "split", "actions", "span (h)", "domain", "dropped")):
+        w = max([len(col), *(len(c[i]) for c in cells)])  # never squeezed: only the source text is cut
+        used += w + 3
+        table.add_column(col, justify="right" if col in ("actions", "span (h)", "dropped") else "left",
+                         no_wrap=True, min_width=w)
+    with_text = width - used >= 16  # room for a useful glimpse of the source post
+    if with_text:
+        table.add_column("source post", no_wrap=True, overflow="ellipsis", max_width=min(40, width - used - 2))
+    for r, c in zip(rows, cells, strict=True):
+        table.add_row(*c, *([" ".join(r["source_text"].split())[:80]] if with_text else []))
     return table
 
 
@@ -253,7 +258,7 @@ def events_cmd(
         rows = [_with_domain(ev) for ev in _stream(path, split, strict, input_format, quiet, skipped, dropped)]
     if output == "table":
         con = _console()
-        con.print(_events_table(rows, f"{path}: {len(rows):,} events"))
+        con.print(_events_table(rows, f"{path}: {len(rows):,} events", con.width))
         con.print("span = hours from the first to the last action; dropped = faulty action rows left out")
     else:
         text = _events_text(rows, output)
