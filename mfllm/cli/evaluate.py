@@ -16,14 +16,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mfllm.errors import ConfigError, MfllmError
-
-_err = Console(stderr=True)
-
-
-def _fail(e: MfllmError) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=getattr(e, "exit_code", 2))
+from mfllm.cli.errors import err as _err
+from mfllm.cli.errors import fail
+from mfllm.errors import ConfigError, DataError, MfllmError
+from mfllm.files import atomic_write_text
 
 
 def _cache(path: Path | None, off: bool) -> str | Path | None:
@@ -50,7 +46,9 @@ def _labeler_options(name: str, backend: str | None, model: str | None, base_url
 
 def evaluate_command(
     run_dir: Annotated[
-        Path, typer.Argument(help="Run directory written by `mfllm simulate` (has steps.jsonl).")
+        list[Path],
+        typer.Argument(help="Run directory written by `mfllm simulate` (has steps.jsonl); or a folder of replica "
+                       "runs (r0/, r1/, ...), or several replica runs of one method: their crowds are pooled."),
     ],
     labeler: Annotated[
         str,
@@ -107,7 +105,7 @@ def evaluate_command(
 
     try:
         m = evaluate_run(
-            run_dir,
+            run_dir[0] if len(run_dir) == 1 else run_dir,
             labeler=labeler,
             bin_size=bin_size,
             bin_by=bin_by,
@@ -120,7 +118,7 @@ def evaluate_command(
             labeler_options=_labeler_options(labeler, labeler_backend, labeler_model, labeler_base_url),
         )
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     out = Console()
     if as_json:
         out.print_json(json.dumps({k: m[k] for k in ("method", "n_events", "summary", "warnings")}))
@@ -129,7 +127,7 @@ def evaluate_command(
     for w in m["warnings"]:
         _err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     written = ["metrics.json"] + (["plots/"] if plots or report else []) + (["report.html"] if report else [])
-    out.print(f"wrote {', '.join(str(Path(run_dir) / w) for w in written)}", highlight=False)
+    out.print(f"wrote {', '.join(str(Path(m['run_dir']) / w) for w in written)}", highlight=False)
 
 
 def compare_command(
@@ -161,14 +159,13 @@ def compare_command(
             run_dirs, labeler=labeler, cache=_cache(label_cache, no_label_cache), plots=False, report=False
         )
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     text = json.dumps(res, ensure_ascii=False, indent=1)
     if out is not None:
         try:
-            out.write_text(text, encoding="utf-8")
+            atomic_write_text(out, text)
         except OSError as e:
-            _err.print(f"[bold red]error:[/] {out}: cannot write: {e.strerror}", highlight=False)
-            raise typer.Exit(code=2) from None
+            raise fail(DataError(str(out), f"cannot write: {e.strerror or e}")) from None
     console = Console()
     if as_json:
         console.print_json(text)
@@ -213,7 +210,7 @@ def marginal_command(
                 lab.close()
         path = save_marginal(m, out)
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     Console().print(
         f"wrote {path}: {m['n_labelled']} labelled actions from {m['n_events']} event(s) (split {split})",
         highlight=False,

@@ -4,188 +4,33 @@ data -> simulate -> export / evaluate / compare; train; bench; forecast / interv
 User mistakes print one clear line and exit non-zero; no tracebacks.
 """
 
+# Each part of the pipeline owns its commands in its own module (cli/<part>.py); this module only mounts them.
+
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import typer
-from rich.console import Console
 
-from mfllm.errors import MfllmError, from_validation
-from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
-from mfllm.simulation.config import SimConfig, choices, default
+from mfllm.cli.bench import bench_app
+from mfllm.cli.data import data_app
+from mfllm.cli.evaluate import compare_command, evaluate_command, marginal_command
+from mfllm.cli.serve import serve_command
+from mfllm.cli.simulate import export_command, simulate_command
+from mfllm.cli.train import train_app
+from mfllm.cli.whatif import forecast_command, intervene_command
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err = Console(stderr=True)
 
-
-def fail(e: MfllmError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=getattr(e, "exit_code", 2))
-
-
-def _mount() -> None:
-    """Each part of the pipeline owns its commands; they are gathered here."""
-    from mfllm.cli.bench import bench_app
-    from mfllm.cli.data import data_app
-    from mfllm.cli.evaluate import compare_command, evaluate_command, marginal_command
-    from mfllm.cli.serve import serve_command
-    from mfllm.cli.train import train_app
-    from mfllm.cli.whatif import forecast_command, intervene_command
-
-    app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
-    app.command("evaluate")(evaluate_command)
-    app.command("compare")(compare_command)
-    app.command("marginal")(marginal_command)
-    app.command("forecast")(forecast_command)
-    app.command("intervene")(intervene_command)
-    app.command("serve")(serve_command)
-    app.add_typer(train_app, name="train", help="Train mfllm-mini; IB-Tune the mean-field model and the policy.")
-    app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers (fidelity, throughput, model).")
-
-
-@app.command()
-def simulate(
-    data: str = typer.Option(str(SAMPLE_DATA), help="Events: a CED folder, Rumdect file/folder or JSONL file/folder."),
-    out: Path = typer.Option(None, help="Run directory to create (config, mean field per step, every action)."),
-    events: str = typer.Option(None, help="Comma-separated event ids (list them with `mfllm data events`)."),
-    split: str = typer.Option("all", help="train | val | test | all (deterministic by event id)."),
-    limit: int = typer.Option(None, help="At most this many events (after the split, in id order)."),
-    method: str = typer.Option(default("method"), help=f"Context: {' | '.join(choices('method'))} (mf = mean field)."),
-    meanfield: str = typer.Option(default("meanfield"), help=f"Mean-field model: {' | '.join(choices('meanfield'))} "
-                                  "(stats: no LLM; llm: the summariser prompt)."),
-    backend: str = typer.Option("hf", help="hf (local transformers) | openai (any OpenAI-compatible server) | vllm."),
-    model: str = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name})."),
-    base_url: str = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."),
-    api: str = typer.Option("completions", help="openai backend: completions | chat."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key."),
-    timeout: float = typer.Option(None, help="openai backend: seconds one attempt may take (default 60)."),
-    retries: int = typer.Option(None, help="openai backend: retries of a failed request (default 5, with backoff)."),
-    max_concurrency: int = typer.Option(None, help="openai backend: requests in flight at once (default 8)."),
-    rate_limit: float = typer.Option(None, help="openai backend: at most this many requests per second."),
-    step_size: int = typer.Option(default("step_size"), help="Agents per step."),
-    time_window: float = typer.Option(default("time_window"), help="Seconds per step instead of a fixed number of agents."),
-    warmup: int = typer.Option(default("warmup"), help="Real actions fed to the mean field before the rollout."),
-    max_agents: int = typer.Option(default("max_rollout_agents"), help="Simulate at most this many rollout agents per event."),
-    temperature: float = typer.Option(default("temperature"), help="Sampling temperature (0 = greedy; 1 = the model's own distribution)."),
-    top_p: float = typer.Option(default("top_p"), help="Nucleus sampling (1 = off: keeps the crowd's rarer reactions)."),
-    max_new_tokens: int = typer.Option(default("max_new_tokens"), help="Most tokens one agent's action may take."),
-    meanfield_max_new_tokens: int = typer.Option(default("meanfield_max_new_tokens"),
-                                                 help="--meanfield llm: most tokens of one summary m_t."),
-    policy_adapter: Path = typer.Option(None, help="hf/vllm: a LoRA adapter dir for the policy "
-                                        "(from `mfllm train policy` / `ib-tune`)."),
-    meanfield_adapter: Path = typer.Option(None, help="hf/vllm with --meanfield llm: a LoRA adapter dir for "
-                                           "the mean-field model (from `mfllm train meanfield` / `ib-tune`)."),
-    seed: int = typer.Option(default("seed"), help="Seed: a run with a local model is reproducible."),
-    lang: str = typer.Option(default("lang"), help=f"Prompt language: {' | '.join(choices('lang'))}."),
-    teacher_forcing: bool = typer.Option(default("teacher_forcing"),
-                                         help="Ablation: feed the mean field real actions in rollout."),
-    resume: Path = typer.Option(None, help="Continue an interrupted run directory. Other options are ignored, "
-                                "except the openai endpoint's (--base-url for an endpoint that moved, --timeout, "
-                                "--retries, --max-concurrency, --rate-limit)."),
-    force: bool = typer.Option(False, help="Replace --out if it already holds a run."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-):
-    """Simulate how a population reacts to events, step by step, with the mean-field loop.
-
-    Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
-    """
-    from mfllm.simulation.runner import resume as resume_run
-    from mfllm.simulation.runner import simulate as run_sim
-
-    http = {k: v for k, v in {"timeout_s": timeout, "retries": retries, "max_concurrency": max_concurrency,
-                              "rate_limit_rps": rate_limit}.items() if v is not None}
-    try:
-        if resume is not None:
-            endpoint = {**({"base_url": base_url} if base_url else {}), **http}
-            s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None)
-            out = resume
-        else:
-            if out is None:
-                raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
-            adapters = _adapter_dirs(backend, meanfield, policy_adapter, meanfield_adapter)
-            cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
-                            time_window=time_window, lang=lang, seed=seed, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, meanfield_max_new_tokens=meanfield_max_new_tokens,
-                            teacher_forcing=teacher_forcing, max_rollout_agents=max_agents,
-                            policy_adapter="policy" if policy_adapter else None,
-                            meanfield_adapter="meanfield" if meanfield_adapter else None)
-            opts = {"adapters": adapters} if adapters else {}
-            if backend == "openai":
-                opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env, **http}
-            elif http:
-                raise MfllmError("--timeout / --retries / --max-concurrency / --rate-limit apply to "
-                                 "--backend openai only")
-            s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
-                        config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet,
-                        on_skipped=_report_skipped, replace=force)
-    except MfllmError as e:
-        raise fail(e) from None
-    except ValueError as e:  # SimConfig's (pydantic) checks of the options
-        raise fail(from_validation(e)) from None
-    err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
-    _report_context_cuts(out)
-
-
-def _report_context_cuts(run_dir: Path) -> None:
-    """Say so when the model's context made the run shorten texts (a small model, e.g. mfllm-mini)."""
-    try:
-        done = json.loads((Path(run_dir) / "done.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    capped = (done.get("backend_stats") or {}).get("budget_capped") or 0
-    shortened = done.get("meanfield_prompts_shortened") or 0
-    if capped or shortened:
-        err.print(f"[yellow]note:[/] the model's context was too short for {capped} request(s)' new-token budget "
-                  f"(cut to fit) and {shortened} mean-field prompt(s) (replies shown shorter); see done.json. "
-                  "With mfllm-mini and --meanfield llm, use --step-size 8 --meanfield-max-new-tokens 64.",
-                  highlight=False)
-
-
-def _adapter_dirs(backend: str, meanfield: str, policy: Path | None, mf: Path | None) -> dict[str, str]:
-    """Role -> absolute adapter dir (absolute so that --resume finds them from anywhere)."""
-    given = {"policy": policy, "meanfield": mf}
-    if not any(given.values()):
-        return {}
-    if backend not in ("hf", "vllm"):
-        raise MfllmError(f"--policy-adapter / --meanfield-adapter need a local model (--backend hf or vllm), "
-                         f"not {backend!r}; a server applies its own adapters")
-    if mf is not None and meanfield != "llm":
-        raise MfllmError("--meanfield-adapter needs --meanfield llm (the stats mean field has no model)")
-    out = {}
-    for role, path in given.items():
-        if path is None:
-            continue
-        if not path.is_dir():
-            raise MfllmError(f"--{role}-adapter {path}: not a directory")
-        out[role] = str(path.expanduser().resolve())
-    return out
-
-
-def _report_skipped(skipped: list) -> None:
-    err.print(f"[yellow]warning:[/] {len(skipped)} bad input file(s) / line(s) skipped:", highlight=False)
-    for e in skipped[:20]:
-        err.print(f"  {e}", highlight=False, markup=False, soft_wrap=True)
-    if len(skipped) > 20:
-        err.print(f"  ... and {len(skipped) - 20} more (see `mfllm data stats`)", highlight=False)
-
-
-@app.command()
-def export(run_dir: Path = typer.Argument(..., help="A run directory."),
-           to: Path = typer.Option(..., "--to", help="Output JSONL: one object per agent action.")):
-    """Write every action of a run as JSONL: event_id, step, agent_id, time, phase, real_text, sim_text."""
-    from mfllm.store.run import RunStore, export_actions
-
-    try:
-        RunStore(run_dir).config()
-        n = export_actions(run_dir, to)
-    except MfllmError as e:
-        raise fail(e) from None
-    err.print(f"[green]wrote[/] {n} actions -> {to}")
-
-
-_mount()
+app.command("simulate")(simulate_command)
+app.command("export")(export_command)
+app.command("evaluate")(evaluate_command)
+app.command("compare")(compare_command)
+app.command("marginal")(marginal_command)
+app.command("forecast")(forecast_command)
+app.command("intervene")(intervene_command)
+app.command("serve")(serve_command)
+app.add_typer(data_app, name="data", help="Inspect and convert event data (CED, Rumdect, generic JSONL).")
+app.add_typer(train_app, name="train", help="Train mfllm-mini; IB-Tune the mean-field model and the policy.")
+app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers (fidelity, throughput, model).")
 
 
 def main() -> None:

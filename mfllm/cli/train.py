@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from mfllm.errors import MfllmError
+from mfllm.cli.errors import user_errors
 
 train_app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
-
-
-@contextmanager
-def _user_errors():
-    """A user mistake (bad data, option, adapter) is one red line and a non-zero exit, not a traceback."""
-    try:
-        yield
-    except MfllmError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
 
 
 @train_app.command("mini")
@@ -53,7 +42,7 @@ def train_mini_command(
                      heads=max(1, hidden // 64), intermediate=int(hidden * 2.75) // 8 * 8,
                      agents_per_event=agents_per_event, max_train_events=max_train_events, threads=threads,
                      examples=examples, device=device, batch_size=batch_size)
-    with _user_errors():
+    with user_errors():
         if prepare_only:
             p = prepare_examples(cfg, Path(out) / "_work" / "examples.jsonl.gz")
             console.print(f"[green]examples[/] -> {p}")
@@ -161,7 +150,7 @@ def train_meanfield_command(
     opts = {k: v for k, v in locals().items() if k != "quiet"}
     from mfllm.training.ibtune import train_meanfield
 
-    with _user_errors():
+    with user_errors():
         info = train_meanfield(_tune_config(**opts), progress=not quiet)
     _report({"meanfield": info})
 
@@ -204,7 +193,7 @@ def train_policy_command(
     opts = {k: v for k, v in locals().items() if k != "quiet"}
     from mfllm.training.ibtune import train_policy
 
-    with _user_errors():
+    with user_errors():
         info = train_policy(_tune_config(**opts), progress=not quiet)
     _report({"policy": info})
 
@@ -258,7 +247,7 @@ def train_ibtune_command(
                   max_new_tokens=max_new_tokens, step_size=step_size, max_steps=max_steps, max_events=max_events,
                   val_events=val_events, split=split, val_split=val_split, seed=seed, device=device, dtype=dtype,
                   threads=threads)
-    with _user_errors():
+    with user_errors():
         s1 = _tune_config(out=str(out), beta=beta, length_penalty=length_penalty, lr=lr, steps=steps,
                           batch_size=batch_size, samples_k=samples_k, targets=targets, previous=previous,
                           eval_every=eval_every, **common)

@@ -12,15 +12,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mfllm.errors import ConfigError, MfllmError
+from mfllm.cli.errors import err as _err
+from mfllm.cli.errors import fail
+from mfllm.errors import ConfigError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
-
-_err = Console(stderr=True)
-
-
-def _fail(e: MfllmError) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=getattr(e, "exit_code", 2))
+from mfllm.simulation.config import SimConfig, choices, default
 
 
 def _load_event(data: str, event: str | None):
@@ -35,18 +31,12 @@ def _load_event(data: str, event: str | None):
 
 
 def _config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens):
-    from mfllm.simulation.engine import SimConfig
-
     return SimConfig(method=method, meanfield=meanfield, step_size=step_size, lang=lang, seed=seed,
                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
 
-# SimConfig's defaults, written out so that `mfllm --help` does not import the engine (a test checks them)
-DEFAULTS = {"step_size": 16, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48}
-
-
-def _default(name: str):
-    return DEFAULTS[name]
+# The options' defaults are SimConfig's (simulation/config.py: light, the engine is not imported for --help).
+DEFAULTS = {k: default(k) for k in ("step_size", "temperature", "top_p", "max_new_tokens")}
 
 
 def _backend_options(backend: str, base_url, api, api_key_env) -> dict:
@@ -54,20 +44,20 @@ def _backend_options(backend: str, base_url, api, api_key_env) -> dict:
 
 
 # options shared by both commands
-_METHOD = typer.Option("mf", help="mf (mean field) | state | recent | popular.")
-_MEANFIELD = typer.Option("stats", help="Mean-field model: stats (no LLM) | llm.")
+_METHOD = typer.Option(default("method"), help=f"Context: {' | '.join(choices('method'))} (mf = mean field).")
+_MEANFIELD = typer.Option(default("meanfield"), help=f"Mean-field model: {' | '.join(choices('meanfield'))}.")
 _BACKEND = typer.Option("hf", help="hf (local transformers) | openai (OpenAI-compatible server) | vllm.")
 _MODEL = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name}).")
 _BASE_URL = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1.")
 _API = typer.Option("completions", help="openai backend: completions | chat.")
 _KEY = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key.")
-_STEP = typer.Option(_default("step_size"), help="Agents per step.")
-_LANG = typer.Option("zh", help="Prompt language: zh | en.")
-_SEED = typer.Option(0, help="Seed (replica r of event ID is the event 'ID#r<r>': its agents' seeds differ).")
-_TEMP = typer.Option(_default("temperature"), help="Sampling temperature (0 = greedy; 1 = the model's own "
+_STEP = typer.Option(default("step_size"), help="Agents per step.")
+_LANG = typer.Option(default("lang"), help=f"Prompt language: {' | '.join(choices('lang'))}.")
+_SEED = typer.Option(default("seed"), help="Seed (replica r of event ID is the event 'ID#r<r>': its agents' seeds differ).")
+_TEMP = typer.Option(default("temperature"), help="Sampling temperature (0 = greedy; 1 = the model's own "
                                                    "distribution).")
-_TOP_P = typer.Option(_default("top_p"), help="Nucleus sampling (1 = off).")
-_MAXTOK = typer.Option(_default("max_new_tokens"), help="Most tokens an agent writes.")
+_TOP_P = typer.Option(default("top_p"), help="Nucleus sampling (1 = off).")
+_MAXTOK = typer.Option(default("max_new_tokens"), help="Most tokens an agent writes.")
 _BINS = typer.Option(1, help="Steps per bin of the share trajectories (a bin = bin-steps x step-size agents).")
 _LABELER = typer.Option("rules", help="Labeler for the label shares (rules, offline).")
 _CACHE = typer.Option(None, help="SQLite label cache. Default: ~/.cache/mfllm/labels.sqlite.")
@@ -124,9 +114,9 @@ def forecast_command(
                        labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
                        bin_steps=bin_steps, blind=blind, data=src, progress=not quiet, force=force)
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     except ValueError as e:  # pydantic validation of options
-        raise _fail(MfllmError(str(e))) from None
+        raise fail(from_validation(e)) from None
     if res.get("scores"):
         from rich.table import Table
 
@@ -179,9 +169,9 @@ def intervene_command(
                         labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,
                         window=window, data=data, spec_path=str(spec), progress=not quiet, force=force)
     except MfllmError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     except ValueError as e:
-        raise _fail(MfllmError(str(e))) from None
+        raise fail(from_validation(e)) from None
     for w in res.get("warnings", []):
         _err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for h in res["headline"]:
