@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mfllm.cli.errors import fail, user_errors
+from mfllm.data.jsonl import write_jsonl
 from mfllm.data.load import FORMATS, ProgressFn, count_dropped, iter_events
 from mfllm.data.schema import DroppedActions, Event
 from mfllm.data.split import SPLIT_CHOICES, SPLITS
@@ -300,8 +301,6 @@ def convert_cmd(
 
     Example: mfllm data convert /data/ced --to test.jsonl --split test --limit 40
     """
-    from mfllm.data.jsonl import write_jsonl
-
     skipped: list[DataError] = []
     dropped: list[DroppedActions] = []
     counts = {"actions": 0}
