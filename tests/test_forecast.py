@@ -281,3 +281,17 @@ def test_bad_options_fail_before_anything_is_written(event, tmp_path):
         with pytest.raises(ConfigError, match=field):
             forecast(event, tmp_path / "o", observe=8, horizon=8, runs=1, config=cfg, backend=Scripted())
     assert not (tmp_path / "o").exists()
+
+
+def test_whatif_modules_import_down_only_and_no_private_names():
+    import ast
+
+    import mfllm.whatif
+
+    higher = ("mfllm.cli", "mfllm.bench")
+    for f in sorted(Path(mfllm.whatif.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mfllm"):
+                assert not node.module.startswith(higher), f"{f.name} imports {node.module}"
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{f.name} imports private {private} from {node.module}"
