@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from mfllm.errors import ConfigError, DataError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation import metrics as M
+from mfllm.evaluation.result import Evaluation  # noqa: F401 - re-exported
 from mfllm.files import atomic_write_text
 from mfllm.labels.base import ActionLabels, Labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS
@@ -314,7 +314,7 @@ def aggregate(
     return {"summary": summary, "dimensions": per_dim}
 
 
-def _resolve_marginal(marginal, labeler: Labeler) -> tuple[dict | None, str]:
+def resolve_marginal(marginal, labeler: Labeler) -> tuple[dict | None, str]:
     """(marginal dict or None, where it came from / why it is missing)."""
     name, version = str(getattr(labeler, "name", "?")), str(getattr(labeler, "version", "?"))
     if marginal is None:
@@ -363,16 +363,6 @@ def dumps_metrics(metrics: dict) -> str:
     return "{\n" + ",\n".join(items) + "\n}\n"
 
 
-@dataclass(slots=True)
-class Evaluation:
-    """Everything evaluate_run computed, for plots and the report."""
-
-    run: RunData
-    metrics: dict
-    events: dict[str, D.EventLabels]
-    labels: dict[str, ActionLabels | None]
-
-
 def evaluate(
     run_dir: str | os.PathLike | Sequence[str | os.PathLike],
     labeler: str | Labeler = "rules",
@@ -407,7 +397,7 @@ def evaluate(
                         texts.append(a["sim_text"])
     try:
         labels = label_texts(lab, texts)
-        marg, marg_src = _resolve_marginal(marginal, lab)
+        marg, marg_src = resolve_marginal(marginal, lab)
     finally:
         if lab is not labeler and hasattr(lab, "close"):
             lab.close()

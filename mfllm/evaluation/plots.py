@@ -27,7 +27,7 @@ from mfllm.evaluation import distributions as D
 from mfllm.labels.dimensions import ALL_DIMENSIONS, DIMENSIONS, KEYWORDS
 
 if TYPE_CHECKING:
-    from mfllm.evaluation.evaluate import Evaluation
+    from mfllm.evaluation.result import Evaluation
 
 MAX_KEYWORD_LINES = 6  # keywords panel: the most frequent vocabulary words only
 MIN_EVENTS = 3  # average plot: bins backed by fewer events are shaded

@@ -20,7 +20,7 @@ from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.plotting import has_cjk_font
 
 if TYPE_CHECKING:
-    from mfllm.evaluation.evaluate import Evaluation
+    from mfllm.evaluation.result import Evaluation
 
 SAMPLE_LABELS = ("stance", "sentiment_tendency", "belief_degree")
 

@@ -22,7 +22,7 @@ from mfllm.data.load import load_events
 from mfllm.errors import ConfigError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation.domains import tag_domain
-from mfllm.evaluation.evaluate import _resolve_marginal, evaluate_run, resolve_labeler
+from mfllm.evaluation.evaluate import evaluate_run, resolve_labeler, resolve_marginal
 from mfllm.evaluation.metrics import METRICS, PAPER, Scoring
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
@@ -89,7 +89,7 @@ def run_fidelity(settings: FidelitySettings, console=None, backend_factory: Call
     meta = {e.event_id: {"domain": tag_domain(e.source.text), "n_actions": len(e.actions)} for e in events}
     labeler = resolve_labeler(settings.labeler, settings.label_cache)
     try:
-        marginal, marginal_src = _resolve_marginal(settings.marginal, labeler)
+        marginal, marginal_src = resolve_marginal(settings.marginal, labeler)
         train_pool, model, mo_info = label_rows.train_side(
             sel["data"], labeler, settings.main_warmup(), settings.step_size, settings.max_agents,
             settings.train_events, out / "label-rows", lambda m: log(console, m))
