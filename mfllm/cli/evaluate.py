@@ -16,8 +16,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from mfllm.backends.registry import make_backend
 from mfllm.cli.errors import err as _err
 from mfllm.cli.errors import fail
+from mfllm.data.load import iter_events
 from mfllm.errors import ConfigError, DataError, MfllmError
 from mfllm.files import atomic_write_text
 
@@ -34,8 +36,6 @@ def _labeler_options(name: str, backend: str | None, model: str | None, base_url
         return {}
     if not backend:
         raise ConfigError("--labeler llm needs --labeler-backend (and --labeler-model)", field="labeler")
-    from mfllm.backends.registry import make_backend
-
     opts: dict = {}
     if model:
         opts["model"] = model
@@ -101,7 +101,10 @@ def evaluate_command(
     """Score a run: label real and simulated actions, compare their distributions per dimension and
     horizon (KL, JS, Wasserstein, TV, DTW, micro-F1) against the persistence and marginal baselines.
     Writes RUN_DIR/metrics.json, RUN_DIR/plots/ and RUN_DIR/report.html."""
-    from mfllm.evaluation.evaluate import evaluate_run, metrics_table
+    from mfllm.evaluation.evaluate import (  # scipy: loaded when run, not for --help
+        evaluate_run,
+        metrics_table,
+    )
 
     try:
         m = evaluate_run(
@@ -152,7 +155,10 @@ def compare_command(
     """Compare runs over their common events, with the LLM-free baselines, and the relative KL change
     of `mf` against the best non-MF method and the baselines. Runs without metrics.json are evaluated
     first (default settings; metrics.json only, no plots or report)."""
-    from mfllm.evaluation.compare import compare_runs, compare_tables
+    from mfllm.evaluation.compare import (  # scipy: loaded when run, not for --help
+        compare_runs,
+        compare_tables,
+    )
 
     try:
         res = compare_runs(
@@ -197,7 +203,7 @@ def marginal_command(
     ] = False,
 ) -> None:
     """Compute the training split's label distribution (the `marginal` baseline of every evaluation)."""
-    from mfllm.data.load import iter_events
+    # scipy: loaded when run, not for --help
     from mfllm.evaluation.distributions import compute_marginal, save_marginal
     from mfllm.evaluation.evaluate import resolve_labeler
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from mfllm.cli.errors import user_errors
+from mfllm.paths import DEFAULT_MODEL
 
 train_app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -36,7 +37,7 @@ def train_mini_command(
     """
     from pathlib import Path
 
-    from mfllm.training.mini import MiniConfig, prepare_examples, train_mini
+    from mfllm.training.mini import MiniConfig, prepare_examples, train_mini  # torch: loaded when run
 
     cfg = MiniConfig(data=data, out=out, steps=steps, seed=seed, hidden=hidden, layers=layers,
                      heads=max(1, hidden // 64), intermediate=int(hidden * 2.75) // 8 * 8,
@@ -83,8 +84,7 @@ Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
 def _tune_config(**kw):
-    from mfllm.paths import DEFAULT_MODEL
-    from mfllm.training.ibtune import TuneConfig
+    from mfllm.training.ibtune import TuneConfig  # torch: loaded when run
 
     kw["base"] = kw.get("base") or str(DEFAULT_MODEL)
     kw["targets_per_unit"] = kw.pop("targets", 8)
@@ -148,7 +148,7 @@ def train_meanfield_command(
     Resumable: rerun the same command after an interruption.
     """
     opts = {k: v for k, v in locals().items() if k != "quiet"}
-    from mfllm.training.ibtune import train_meanfield
+    from mfllm.training.ibtune import train_meanfield  # torch: loaded when run
 
     with user_errors():
         info = train_meanfield(_tune_config(**opts), progress=not quiet)
@@ -191,7 +191,7 @@ def train_policy_command(
     Resumable: rerun the same command after an interruption.
     """
     opts = {k: v for k, v in locals().items() if k != "quiet"}
-    from mfllm.training.ibtune import train_policy
+    from mfllm.training.ibtune import train_policy  # torch: loaded when run
 
     with user_errors():
         info = train_policy(_tune_config(**opts), progress=not quiet)
@@ -241,7 +241,7 @@ def train_ibtune_command(
 
     Resumable: finished stages are skipped and an interrupted one continues from its checkpoint.
     """
-    from mfllm.training.ibtune import IBTunePlan, ib_tune
+    from mfllm.training.ibtune import IBTunePlan, ib_tune  # torch: loaded when run
 
     common = dict(data=data, base=base, lora_rank=lora_rank, lora_alpha=lora_alpha, full=full,
                   max_new_tokens=max_new_tokens, step_size=step_size, max_steps=max_steps, max_events=max_events,

@@ -14,14 +14,14 @@ from rich.console import Console
 
 from mfllm.cli.errors import err as _err
 from mfllm.cli.errors import fail
+from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
+from mfllm.simulation.intervention_spec import parse_spec
 
 
 def _load_event(data: str, event: str | None):
-    from mfllm.data.load import load_events
-
     if not event:
         raise ConfigError("--event ID is required (see `mfllm data stats DATA` for the ids), or --new-event FILE")
     res = load_events(data, event_ids=[event])
@@ -92,7 +92,7 @@ def forecast_command(
 
     Example: mfllm forecast --event 2093_zo3d75jHx_2157801852 --observe 48 --horizon 96 --out out/fc
     """
-    from mfllm.whatif.forecast import forecast, load_new_event
+    from mfllm.whatif.forecast import forecast, load_new_event  # scipy, matplotlib: loaded when run
 
     try:
         if new_event is not None:
@@ -156,8 +156,7 @@ def intervene_command(
 
     Example: mfllm intervene --event 2093_zo3d75jHx_2157801852 --spec examples/rebuttal.yaml --runs 8 --out out/iv
     """
-    from mfllm.simulation.intervention_spec import parse_spec
-    from mfllm.whatif.intervene import intervene
+    from mfllm.whatif.intervene import intervene  # scipy, matplotlib: loaded when run, not for --help
 
     try:
         sp = parse_spec(spec)  # a bad spec fails before any model is loaded

@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from mfllm.data.schema import Action, Event
+from mfllm.data.schema import Action, Event, Profile
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.seeds import derived_rng
@@ -419,8 +419,6 @@ def _duplicate(a: Action, j: int) -> Action:
 
 
 def _empty_profile():
-    from mfllm.data.schema import Profile
-
     return Profile(uid="injected")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from mfllm.backends.base import Backend, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError
 from mfllm.labels.dimensions import DIMENSIONS
+from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import EXAMPLE_CHARS, ITEM_CHARS, clip, meanfield_prompt, strings, template
 from mfllm.seeds import derive_seed
 
@@ -71,8 +72,6 @@ class StatsMeanField(MeanFieldModel):
         if not 0.0 <= decay <= 1.0:
             raise ConfigError("decay must be in [0, 1]", field="meanfield.decay")
         if labeler is None:
-            from mfllm.labels.rules import RulesLabeler
-
             labeler = RulesLabeler()
         self.labeler, self.lang, self.decay = labeler, lang, decay
         self.n_keywords, self.n_examples = n_keywords, n_examples

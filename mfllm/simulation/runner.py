@@ -20,9 +20,10 @@ from mfllm.data.schema import Event
 from mfllm.errors import ConfigError, DataError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import ResumePoint, RunSummary, SimConfig, Simulator, fold_records
+from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 from mfllm.simulation.interventions import Intervention
 from mfllm.store.records import StepRecord
-from mfllm.store.run import CONFIG, RunStore
+from mfllm.store.run import CONFIG, RunStore, remove_run
 from mfllm.store.rundir import check_resumable, public_options
 
 
@@ -75,8 +76,6 @@ def simulate(data: str, out: str, *, events: list[str] | None = None, split: str
     backend_options = dict(backend_options or {})
     backend = backend or make_backend(backend_name, model=model, **backend_options)
     if replace:
-        from mfllm.store.run import remove_run
-
         remove_run(out)
     store = RunStore(out)
     store.create({
@@ -136,8 +135,6 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
         backend = make_backend(cfg.get("backend_name", "hf"), model=cfg.get("model"),
                                **{**cfg.get("backend_options", {}), **(backend_options or {})})
     if interventions is None and cfg.get("interventions"):
-        from mfllm.simulation.intervention_spec import build_interventions, parse_spec
-
         interventions = build_interventions(parse_spec(cfg["interventions"]))
     records = fold_records(store.recover_iter(), config.teacher_forcing)
     order = {e: i for i, e in enumerate(cfg["events"])}
