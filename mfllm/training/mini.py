@@ -393,18 +393,12 @@ def write_curve_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
 def write_curves(out: Path, history: list[dict]) -> None:
     write_curve_csv(out / "loss_curve.csv", ["step", "train_loss", "val_action_nll_per_token", "lr", "tokens"],
                     history)
-    import matplotlib
+    from mfllm import plotting as P  # imports matplotlib on first use
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax,) = P.figure(1, cols=1, panel=(5.0, 3.0), legend_width=1.7, key=False, title="mfllm-mini: loss")
     ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], lw=0.8, label="train loss (weighted)")
     ev = [h for h in history if "val_action_nll_per_token" in h]
     ax.plot([h["step"] for h in ev], [h["val_action_nll_per_token"] for h in ev], "o-", label="val action NLL/token")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=110)
-    plt.close(fig)
+    P.style_axes(ax, "step", "nats")
+    P.legend(ax)
+    P.save(fig, out / "loss_curve.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mfllm import plotting as P
 from mfllm.training.mini import write_curve_csv
 
 
@@ -18,15 +19,11 @@ def write_meanfield_curves(out: Path, history: list[dict], before: dict | None =
             "val_objective", "val_reward", "val_kl", "val_length"]
     rows = ([{"step": 0, **{f"val_{k}": v for k, v in before.items()}}] if before else []) + history
     write_curve_csv(out / "reward_curve.csv", keys, rows)
-    import matplotlib  # heavy: imported only when a curve is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
     ev = [h for h in rows if "val_reward" in h]
     vs = [h["step"] for h in ev]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = P.figure(3, cols=3, panel=(3.0, 2.3), legend_width=1.9, key=False,
+                         title="IB-Tune stage 1 (mean field): prediction term, compression term, summary length")
     ax = axes[0]
     ax.plot(vs, [h["val_reward"] for h in ev], "o-", label="val R (log-lik / next action)")
     ax.plot(vs, [h["val_objective"] for h in ev], "s-", label="val R - beta KL")
@@ -34,19 +31,14 @@ def write_meanfield_curves(out: Path, history: list[dict], before: dict | None =
         if reference and name in reference:
             ax.axhline(reference[name], color="grey", ls=style, lw=1,
                        label="val R, m = " + ("empty marker" if "empty" in name else "stats mean field"))
-    ax.set_ylabel("nats")
     ax = axes[1]
     ax.plot(steps, [h["kl"] for h in history], lw=0.8, alpha=0.6, label="train KL estimate")
     ax.plot(vs, [h["val_kl"] for h in ev], "o-", label="val KL estimate")
-    ax.set_ylabel("nats")
     ax = axes[2]
     ax.plot(steps, [h["length"] for h in history], lw=0.8, alpha=0.6, label="train |m|")
     ax.plot(vs, [h["val_length"] for h in ev], "o-", label="val |m|")
-    ax.set_ylabel("tokens")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.suptitle("IB-Tune stage 1 (mean field): prediction term, compression term, summary length", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "reward_curve.png", dpi=110)
-    plt.close(fig)
+    for ax, ylabel, title in zip(axes, ("nats", "nats", "tokens"),
+                                 ("prediction term R", "compression term KL", "summary length |m|"), strict=True):
+        P.style_axes(ax, "step", ylabel, title)
+        P.legend(ax)
+    P.save(fig, out / "reward_curve.png")
