@@ -129,7 +129,7 @@ def test_label_aligns_with_input(rules):
 def test_keywords(rules):
     kw = rules.label_one("#雅安地震# 为雅安祈福，希望救援顺利//@某人: 转发").keywords
     assert kw[0] == "雅安地震"
-    assert kw == ["雅安地震", "雅安祈福", "救援顺利"]
+    assert kw == ["雅安地震", "雅安", "祈福", "救援", "顺利"]  # whole dictionary words
     assert rules.label_one("").keywords == []
     assert rules.label_one("[哈哈][哈哈]").keywords == []  # emoticons are not keywords
     assert rules.label_one("的了是在我你").keywords == []  # stopwords only

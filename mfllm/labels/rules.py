@@ -16,9 +16,13 @@ Text handling, in order:
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
+from functools import cache
 from importlib import resources
+
+import jieba
 
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.dimensions import PLAIN_REPOST_LABELS
@@ -47,12 +51,14 @@ _EMOTICON_RE = re.compile(r"\[[^\[\]\s]{1,8}\]")
 _PUNCT_RE = re.compile(r"[\s\W_]+", re.UNICODE)  # everything but letters/digits/CJK
 _CJK_RUN_RE = re.compile(r"[\u4e00-\u9fff]+")
 _LATIN_RE = re.compile(r"[a-z][a-z0-9]{2,19}")
-# Single characters that split a CJK run into keyword candidates (function words, pronouns, particles).
-_SPLIT_CHARS = frozenset(
-    "的了是在我你他她它这那就都也还又与被把吗呢吧啊呀么着过哦哈呵啦哎唉嘛很太更最不没要会能"
-)
-# Weaker function characters: cut a chunk longer than 4 characters again.
-_WEAK_SPLIT_RE = re.compile("[为对从给让向及或而且但以之其个说和有]")
+
+
+@cache
+def _segmenter() -> jieba.Tokenizer:
+    """One jieba tokenizer of its own (the global one is left to the user's code); its dictionary
+    loads on first use (about a second, then cached by jieba in the temp folder)."""
+    jieba.setLogLevel(logging.WARNING)  # jieba logs "Building prefix dict..." at DEBUG to stderr
+    return jieba.Tokenizer()
 
 
 _shared: RulesLabeler | None = None
@@ -80,7 +86,7 @@ class RulesLabeler:
     """Deterministic lexicon + rules labeler. ``label_one`` is the fast single-text entry point."""
 
     name = "rules"
-    version = "3"
+    version = "4"  # 4: keywords cut by jieba's dictionary (3 glued bigrams)
 
     def __init__(self) -> None:
         table: dict[str, set[str]] = {}
@@ -97,14 +103,6 @@ class RulesLabeler:
         }
         self._repost_terms = frozenset(t for t, v in self._table.items() if "repost" in v)
         self._stop = frozenset(_read_lexicon("stopwords"))
-        multi = sorted(
-            (w for w in self._stop if len(w) > 1 and _CJK_RUN_RE.fullmatch(w)), key=len, reverse=True
-        )
-        self._kw_split = re.compile(
-            "[^\u4e00-\u9fff]+|"
-            + "".join(f"{re.escape(w)}|" for w in multi)
-            + f"[{''.join(sorted(_SPLIT_CHARS))}]"
-        )
         self._memo: dict[str, ActionLabels] = {}
 
     # ------------------------------------------------------------------ public API
@@ -278,10 +276,11 @@ class RulesLabeler:
         return ok[n]
 
     def keywords(self, content: str) -> list[str]:
-        """Deterministic keywords, first ``MAX_KEYWORDS`` of: #hashtags#; CJK chunks of 2-4 characters
-        between non-CJK characters, multi-character stopwords and function characters (a longer chunk is
-        cut again at weaker function characters, and what is still longer gives its bigrams); Latin
-        words of 3+ letters. Stopwords (lexicons/stopwords.txt) are never keywords."""
+        """Deterministic keywords, first ``MAX_KEYWORDS`` in text order: #hashtags#, then the words of the
+        rest as jieba's dictionary cuts them (no HMM guessing of unknown words: those guesses were
+        fragments such as 雨污, 贵性) that are CJK words of 2+ characters or Latin words of 3+ letters.
+        Characters the dictionary cannot join into a word are left out rather than glued into bigrams
+        (the old bigrams gave 示洗, 迟放). Stopwords (lexicons/stopwords.txt) are never keywords."""
         out: list[str] = []
         seen: set[str] = set()
         stop = self._stop
@@ -294,22 +293,9 @@ class RulesLabeler:
         for tag in _HASHTAG_RE.findall(content):
             add(tag.strip())
         body = _EMOTICON_RE.sub(" ", _HASHTAG_RE.sub(" ", content))
-        for chunk in self._kw_split.split(body):
-            if len(chunk) < 2:
-                continue
-            if len(chunk) <= 4:
-                add(chunk)
-            else:
-                for piece in _WEAK_SPLIT_RE.split(chunk):
-                    if len(piece) < 2:
-                        continue
-                    if len(piece) <= 4:
-                        add(piece)
-                    else:
-                        for j in range(len(piece) - 1):
-                            add(piece[j : j + 2])
+        for w in _segmenter().lcut(body, HMM=False):
             if len(out) >= MAX_KEYWORDS:
                 break
-        for w in _LATIN_RE.findall(body):
-            add(w)
+            if (len(w) >= 2 and _CJK_RUN_RE.fullmatch(w)) or _LATIN_RE.fullmatch(w):
+                add(w)
         return out[:MAX_KEYWORDS]
