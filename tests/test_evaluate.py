@@ -182,8 +182,8 @@ def test_score_hand_values():
 
 
 def test_evaluate_run_end_to_end(tmp_path):
-    rd = write_run(
-        tmp_path, "run_mf", "mf", sim="other", extra_lines=(_bad_sha_line(), '{"event_id": "e1", "st')
+    rd = write_run(  # interrupted (no done.json): a damaged tail is read with a warning (a finished run: an error)
+        tmp_path, "run_mf", "mf", sim="other", done=False, extra_lines=(_bad_sha_line(), '{"event_id": "e1", "st')
     )
     # event e1 simulated perfectly, e2 differently: rewrite e1's sim texts = real
     recs = [json.loads(x) for x in (rd / "steps.jsonl").read_text(encoding="utf-8").splitlines()[:-2]]

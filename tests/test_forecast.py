@@ -22,7 +22,7 @@ from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
 from mfllm.simulation.population import PopulationActions, arrival_rate, extend_population, synthetic_event
 from mfllm.simulation.steps import plan_steps
-from mfllm.store.run import export_actions
+from mfllm.store.export import export_actions
 from mfllm.whatif.common import replica_events
 from mfllm.whatif.forecast import forecast, score_forecast
 from mfllm.whatif.shares import CATS, block_shares, count_vector

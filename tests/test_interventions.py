@@ -308,7 +308,7 @@ def test_intervene_reports_paired_effects(tmp_path):
 
 def test_intervene_cli_end_to_end_with_a_real_model(tmp_path, tiny_model_dir):  # noqa: F811
     from mfllm.cli import app
-    from mfllm.store.run import export_actions
+    from mfllm.store.export import export_actions
 
     out = tmp_path / "iv"
     args = ["intervene", "--event", RUMOR, "--spec", str(ROOT / "examples" / "rebuttal.yaml"), "--runs", "2",

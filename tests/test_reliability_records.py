@@ -11,8 +11,9 @@ from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
 from mfllm.simulation.intervention_spec import build_interventions
 from mfllm.simulation.runner import simulate
+from mfllm.store.export import export_actions
 from mfllm.store.records import ActionRecord, StepRecord
-from mfllm.store.run import STEPS, RunStore, encode_record, export_actions, iter_records, read_steps
+from mfllm.store.run import STEPS, RunStore, encode_record, iter_records, read_steps
 
 # One line in the format every run directory holds (keys and order as the engine has always written them).
 LINE = {"event_id": "e1", "step": 3, "phase": "rollout", "meanfield": "m", "meanfield_state": {"text": "m", "n": 2},

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import SIM_ARGS, assert_clean_failure, assert_same_run, load_records
 
+from mfllm.errors import DataError
 from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
-from mfllm.store.run import export_actions, read_steps
+from mfllm.store.export import export_actions
+from mfllm.store.run import read_steps
 
 STEPS = "steps.jsonl"
 
@@ -99,7 +101,9 @@ def check_torn_is_not_data(run: Path, whole: int, tmp_path: Path) -> None:
     """`whole`: lines before the damage (fewer are readable if an earlier line is still corrupt, e.g. the
     last resume was killed before it repaired the file)."""
     assert len(read_steps(run)) == min(whole, leading_good(run))  # readers stop at the damage
-    n = export_actions(run, tmp_path / "export.jsonl")
+    with pytest.raises(DataError, match="--resume"):  # never a silent partial export
+        export_actions(run, tmp_path / "export.jsonl")
+    n = export_actions(run, tmp_path / "export.jsonl", partial=True)
     assert n == sum(len(r["actions"]) for r in read_steps(run))
     assert "TORN-WRITE" not in (tmp_path / "export.jsonl").read_text(encoding="utf-8")
 

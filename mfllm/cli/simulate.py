@@ -1,4 +1,4 @@
-"""`mfllm simulate` (run or resume a simulation into a run directory) and `mfllm export` (its actions as JSONL).
+"""`mfllm simulate` (run or resume a simulation into a run directory) and `mfllm export` (its actions as a JSONL, CSV or Parquet table).
 
 The options' defaults and the names they accept come from SimConfig (mfllm.simulation.config).
 """
@@ -12,11 +12,14 @@ import typer
 
 from mfllm.cli.errors import err, fail
 from mfllm.errors import MfllmError, from_validation
+from mfllm.labels import make_labeler
+from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
 from mfllm.simulation.runner import resume as resume_run
 from mfllm.simulation.runner import simulate as run_sim
-from mfllm.store.run import RunStore, export_actions
+from mfllm.store.export import FORMATS, check_target, export_actions, format_for
+from mfllm.store.run import RunStore, find_damage
 
 
 def simulate_command(
@@ -69,6 +72,10 @@ def simulate_command(
     try:
         if resume is not None:
             endpoint = {**({"base_url": base_url} if base_url else {}), **http}
+            damage = find_damage(resume)
+            if damage is not None:
+                err.print(f"[yellow]note:[/] {damage.path}: {damage.describe()}; this resume redoes them",
+                          highlight=False, soft_wrap=True)
             s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None)
             out = resume
         else:
@@ -141,12 +148,34 @@ def _report_skipped(skipped: list) -> None:
         err.print(f"  ... and {len(skipped) - 20} more (see `mfllm data stats`)", highlight=False)
 
 
-def export_command(run_dir: Path = typer.Argument(..., help="A run directory."),
-           to: Path = typer.Option(..., "--to", help="Output JSONL: one object per agent action.")):
-    """Write every action of a run as JSONL: event_id, step, agent_id, time, phase, real_text, sim_text."""
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    to: str = typer.Option(..., "--to", help="Output file (.jsonl, .csv or .parquet), or - for stdout (JSONL)."),
+    fmt: str = typer.Option(None, "--format", help=f"{' | '.join(FORMATS)}. Default: from --to's suffix."),
+    labels: bool = typer.Option(True, help="Add the 9 labels (rules labeler) of each real and simulated text."),
+    label_cache: Path = typer.Option(None, help="SQLite label cache (see `mfllm evaluate`). "
+                                     "Default: ~/.cache/mfllm/labels.sqlite."),
+    no_label_cache: bool = typer.Option(False, "--no-label-cache", help="Do not read or write a label cache."),
+    partial: bool = typer.Option(False, help="Export the intact steps of a damaged steps.jsonl (with a warning)."),
+):
+    """Write every action of a run as a table, one row per agent action: run, method, replica, event_id, step,
+    phase, agent_id, time (epoch seconds and ISO 8601, UTC), real_text, sim_text, ... and the 9 labels of each
+    text (real_<dimension>, sim_<dimension>). The exports of several runs stack into one table."""
+    labeler = None
     try:
+        check_target(to)
+        fmt = format_for(to, fmt)
         RunStore(run_dir).config()
-        n = export_actions(run_dir, to)
+        if labels:
+            labeler = make_labeler("rules", cache="" if no_label_cache else label_cache)
+        n = export_actions(run_dir, to, fmt, labeler=labeler, dimensions=ALL_DIMENSIONS if labels else (),
+                           partial=partial)
     except MfllmError as e:
         raise fail(e) from None
-    err.print(f"[green]wrote[/] {n} actions -> {to}")
+    finally:
+        if labeler is not None and hasattr(labeler, "close"):
+            labeler.close()
+    damage = find_damage(run_dir) if partial else None
+    if damage is not None:
+        err.print(f"[yellow]warning:[/] {damage.path}: {damage.message()}", highlight=False, soft_wrap=True)
+    err.print(f"[green]wrote[/] {n} actions ({fmt}) -> {'stdout' if to == '-' else to}", highlight=False)

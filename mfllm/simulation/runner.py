@@ -23,7 +23,7 @@ from mfllm.simulation.engine import ResumePoint, RunSummary, SimConfig, Simulato
 from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 from mfllm.simulation.interventions import Intervention
 from mfllm.store.records import StepRecord
-from mfllm.store.run import CONFIG, RunStore, remove_run
+from mfllm.store.run import CONFIG, DONE, RunStore, find_damage, remove_run
 from mfllm.store.rundir import check_resumable, public_options
 
 
@@ -117,7 +117,9 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
     (an endpoint that moved); they apply to this session only, config.json keeps the original."""
     store = RunStore(out)
     cfg = store.config()
-    if store.is_done():
+    # A finished run whose steps.jsonl was damaged afterwards is resumed too: the damaged line and all after it are redone.
+    redo_finished = store.is_done() and find_damage(store.dir) is not None
+    if store.is_done() and not redo_finished:
         raise ConfigError(f"{out} is already complete; nothing to resume")
     config = check_resumable(cfg, str(store.dir / CONFIG), SimConfig)
     if backend_options:  # checked before the (slow) data load
@@ -136,6 +138,8 @@ def resume(out: str, *, backend: Backend | None = None, progress: bool = True,
                                **{**cfg.get("backend_options", {}), **(backend_options or {})})
     if interventions is None and cfg.get("interventions"):
         interventions = build_interventions(parse_spec(cfg["interventions"]))
+    if redo_finished:
+        (store.dir / DONE).unlink()
     records = fold_records(store.recover_iter(), config.teacher_forcing)
     order = {e: i for i, e in enumerate(cfg["events"])}
     loaded.sort(key=lambda e: order[e.event_id])

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from mfllm.errors import ConfigError
@@ -74,6 +75,46 @@ def iter_steps(run_dir: str | Path) -> Iterator[dict]:
             if rec is None:
                 return
             yield rec
+
+
+@dataclass(frozen=True, slots=True)
+class StepsDamage:
+    """Where steps.jsonl stops being readable: its first bad line (torn or failing its sha check) and what
+    comes after it. Readers stop at that line, so everything from it on is ignored."""
+
+    path: Path
+    line: int  # 1-based number of the first bad line
+    after: int  # non-empty lines after it (all ignored)
+    intact_after: int  # of those, lines that pass their own check: steps lost from the middle of the file
+
+    def describe(self) -> str:
+        intact = f", {self.intact_after} of them intact" if self.intact_after else ""
+        return (f"line {self.line} is damaged (torn or failing its sha check); it and the {self.after} "
+                f"step line(s) after it{intact} are ignored")
+
+    def repair_hint(self) -> str:
+        return f"`mfllm simulate --resume {self.path.parent}` redoes them"
+
+    def message(self) -> str:
+        return f"{self.describe()}. Repair: {self.repair_hint()}"
+
+
+def find_damage(run_dir: str | Path) -> StepsDamage | None:
+    """The first bad line of a run's steps.jsonl (None: every line is whole and checks out)."""
+    path = Path(run_dir) / STEPS
+    if not path.exists():
+        return None
+    first, after, intact = 0, 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            ok = raw.endswith(b"\n") and decode_line(raw.decode("utf-8", errors="replace")) is not None
+            if not first:
+                if not ok:
+                    first = n
+            elif raw.strip():
+                after += 1
+                intact += ok
+    return StepsDamage(path, first, after, intact) if first else None
 
 
 class RunStore:
@@ -160,18 +201,3 @@ def remove_run(run_dir: str | Path) -> None:
         raise ConfigError(f"{d} exists and is not a run directory; refusing to delete it")
     shutil.rmtree(d)
 
-
-def export_actions(run_dir: str | Path, to: str | Path) -> int:
-    """One JSON object per agent action (the names independent checks read)."""
-    n = 0
-    with atomic_open(to) as out:
-        for rec in iter_records(run_dir):
-            for a in rec.actions:
-                row = {"event_id": rec.event_id, "step": rec.step, "agent_id": a.agent_id, "time": a.time,
-                       "phase": rec.phase, "real_text": a.real_text, "sim_text": a.sim_text,
-                       "action_id": a.action_id, "state": a.state}
-                if a.injected:
-                    row["injected"] = True
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    return n

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from mfllm.errors import ConfigError, DataError, from_validation
-from mfllm.store.run import CONFIG, DONE, STEPS, read_steps
+from mfllm.store.run import CONFIG, DONE, STEPS, find_damage, read_steps
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -91,19 +91,25 @@ def config_diffs(cfg: Mapping, expected_sim: Mapping, events: list[str], interve
 # --------------------------------------------------------------------------- the whole run (evaluation)
 
 
-def _read_steps(run_dir: Path) -> tuple[list[dict], int]:
-    """(good step records via the store's reader, number of non-empty lines not used).
+def _read_steps(run_dir: Path, complete: bool) -> tuple[list[dict], int, str | None]:
+    """(good step records via the store's reader, lines not used, warning or None).
 
-    The store's reader verifies each line's sha and stops at the first bad line (nothing after a
-    torn / corrupted line is trusted), so the count covers the bad line and everything after it.
+    The store's reader verifies each line's sha and stops at the first bad line (nothing after a torn /
+    corrupted line is trusted). Only a torn tail of an interrupted run (no done.json, no intact line after
+    the bad one: a crash mid-write) is read with a warning; any other damage loses finished steps, so it is
+    an error naming the line and the repair.
     """
     recs = read_steps(run_dir)
-    with open(run_dir / STEPS, encoding="utf-8", errors="replace") as f:
-        n_lines = sum(1 for line in f if line.strip())
-    return recs, max(0, n_lines - len(recs))
+    damage = find_damage(run_dir)
+    if damage is None:
+        return recs, 0, None
+    if complete or damage.intact_after:
+        raise DataError(str(damage.path), damage.message())
+    return recs, damage.after + 1, f"steps.jsonl {damage.message()}"
 
 
-def _method_of(config: dict, run_dir: Path) -> str:
+def method_of(config: dict, run_dir: Path) -> str:
+    """The run's method name (config's sim.method; \"sim\" when none is recorded)."""
     nested = [
         (config.get(k) or {}).get("method") for k in ("sim", "simulation") if isinstance(config.get(k), dict)
     ]
@@ -143,12 +149,9 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
             raise DataError(str(rd / CONFIG), f"cannot read: {e}") from None
         if not isinstance(config, dict):
             raise DataError(str(rd / CONFIG), "expected a JSON object")
-    recs, bad = _read_steps(rd)
-    warnings: list[str] = []
-    if bad:
-        warnings.append(
-            f"{bad} line(s) of steps.jsonl from the first one failing its sha check on were ignored"
-        )
+    complete = (rd / DONE).is_file()
+    recs, bad, damaged = _read_steps(rd, complete)
+    warnings: list[str] = [damaged] if damaged else []
     by_event: dict[str, dict[int, dict]] = {}
     dup = 0
     for i, r in enumerate(recs):
@@ -163,13 +166,12 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         warnings.append(f"{dup} duplicate step record(s) in steps.jsonl; the last of each was used")
     if not by_event:
         raise DataError(str(rd / STEPS), "no valid step record")
-    complete = (rd / DONE).is_file()
     if not complete:
         warnings.append("run is incomplete (no done.json): metrics cover the steps written so far")
     return RunData(
         run_dir=rd,
         config=config,
-        method=_method_of(config, rd),
+        method=method_of(config, rd),
         complete=complete,
         steps={e: [s[k] for k in sorted(s)] for e, s in by_event.items()},
         dropped_lines=bad,
