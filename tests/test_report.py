@@ -58,7 +58,12 @@ def test_report_shows_each_source_post_and_its_label(evaluated):
         assert html.escape(ev.source.text, quote=True) in section
         assert f'class="tag {ev.label}">{ev.label}<' in section, ev.label
         assert f"event {eid} · {ev.label}</h3>" in page
-    assert "source post not available" not in page
+    # the events table at the top: id linked to the section, label, the source post's start
+    top = page.split("<h2>Events</h2>", 1)[1].split("<h2>", 1)[0]
+    for eid, ev in events.items():
+        row = top.split(f"<a href='#ev-{eid}'>{eid}</a>", 1)[1].split("</tr>", 1)[0]
+        assert f">{ev.label}</span>" in row and html.escape(ev.source.text[:20], quote=True) in row
+    assert "source post not available" not in page and "not available" not in top
 
 
 @pytest.mark.parametrize("data", ["/nonexistent/ced", None])
@@ -69,6 +74,8 @@ def test_report_says_when_the_source_is_not_available(evaluated, run_dir, tmp_pa
     page = R.render_report(result, plots)  # the plots of the original run: same event ids
     assert page.count("source post not available") == N_EVENTS
     assert ("not on this machine" if data else "names no data path") in page
+    top = page.split("<h2>Events</h2>", 1)[1].split("<h2>", 1)[0]
+    assert top.count('<span class="muted">not available</span>') == N_EVENTS
     assert '<span class="tag' not in page
 
 

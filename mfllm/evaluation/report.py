@@ -41,6 +41,7 @@ METRIC_RANGE: dict[str, tuple[float, float]] = {
     "kl": (0.0, math.inf), "js": (0.0, 1.0), "wasserstein": (0.0, math.inf), "tv": (0.0, 1.0),
     "dtw": (0.0, math.inf), "micro_f1": (0.0, 1.0),
 }  # fmt: skip
+SOURCE_CUT = 160  # characters of the source post in the events table (the event's section shows all)
 CJK_HINT = "install a Chinese font to see the words: apt-get install fonts-noto-cjk (no cache rebuild needed)"
 
 _CSS = """
@@ -55,12 +56,12 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .row img{max-width:100%;height:auto;border:1px solid #eee}
 .timeline{max-height:420px;overflow:auto;flex:1;min-width:420px;font-size:12px}
 .warn{color:#8a4b00}.muted{color:#777}.text{max-width:480px;white-space:pre-wrap;word-break:break-all}
-.n{color:#777;font-size:11px}
+.n{color:#777;font-size:11px}.note{font-size:13px;max-width:1100px}
 .glossary{background:#f7f9fc;border:1px solid #d6dde8;padding:8px 14px;font-size:13px;max-width:1100px}
 .glossary dt{font-weight:bold;float:left;clear:left;width:150px}.glossary dd{margin:0 0 4px 160px}
 .source{background:#fafafa;border-left:4px solid #90a4ae;padding:6px 12px;max-width:1100px;font-size:14px}
 .tag{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff;background:#607d8b}
-.tag.rumor{background:#c62828}.tag.non-rumor{background:#2e7d32}
+td.post{max-width:760px}.tag.rumor{background:#c62828}.tag.non-rumor{background:#2e7d32}
 """
 
 
@@ -112,6 +113,33 @@ def _source_block(src: EventSource | None, why: str | None) -> str:
         when = f' · posted {datetime.fromtimestamp(src.time, UTC):%Y-%m-%d %H:%M} UTC'
     return (f'<div class="source"><span class="tag {cls}">{_e(label)}</span>'
             f'<span class="muted"> source post{when}</span><br>{_e(src.text) or "<i>(empty)</i>"}</div>')
+
+
+def events_table(metrics: dict, listed: list[str], sources: dict[str, EventSource], why: str | None,
+                 linked: set[str]) -> str:
+    """One row per listed event: rumor label, source post (cut), actions; the id links to its section
+    when the report has one (``linked``)."""
+    rows = []
+    for e in listed:
+        ev, src = metrics["events"][e], sources.get(e)
+        eid = f"<a href='#ev-{_e(e)}'>{_e(e)}</a>" if e in linked else _e(e)
+        if src is None:
+            label, text = "-", '<span class="muted">not available</span>'
+        else:
+            cls = src.label if src.label in ("rumor", "non-rumor") else ""
+            label = f'<span class="tag {cls}">{_e(src.label or "none")}</span>'
+            cut = src.text if len(src.text) <= SOURCE_CUT else src.text[:SOURCE_CUT] + "…"
+            text = _e(cut)
+        rows.append(f"<tr><td>{eid}</td><td>{label}</td><td class='post'>{text}</td>"
+                    f"<td class='num'>{ev['n_warmup_actions']}</td><td class='num'>{ev['n_rollout_actions']}</td></tr>")
+    note = f'<p class="muted">source posts not available: {_e(why)}</p>' if why else ""
+    more = len(metrics["events"]) - len(listed)
+    if more > 0:
+        note += f'<p class="muted">… and {more} more event(s) in metrics.json</p>'
+    return (
+        "<table><tr><th>event</th><th>label</th><th>source post</th><th>warm-up<br>actions</th>"
+        f"<th>rollout<br>actions</th></tr>{''.join(rows)}</table>{note}"
+    )
 
 
 def _glossary(bins: str) -> str:
@@ -340,28 +368,35 @@ def render_report(
         f"run <code>{_e(m['run_dir'])}</code> · {m['n_events']} event(s) · "
         f"{m['n_actions']['warmup']} warm-up / {m['n_actions']['rollout']} rollout actions · "
         f"labeler {_e(m['labeler']['name'])} v{_e(m['labeler']['version'])} · "
-        f"bins {_e(m['binning']['by'])}:{_e(m['binning']['size'])} · {_scoring(m)} · "
+        f"{_e(_bins(result))} · {_scoring(m)} · "
         f"{'complete' if m['complete'] else '<b>incomplete</b>'}</p>",
         f"<p class='muted'>marginal baseline: {_e(m['baselines']['marginal'])}</p>",
     ]
     if m["warnings"]:
         parts.append("<ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in m["warnings"]) + "</ul>")
+    listed = list(m["events"])[:max_events]
+    sources, why = load_sources(result.run, listed) if listed else ({}, None)
+    with_plot = {e for e in listed if plots is not None and e in plots.events}
     parts += [
+        "<h2>Events</h2>",
+        events_table(m, listed, sources, why, with_plot),
         "<h2>Metrics (macro over dimensions; mean over events)</h2>",
         summary_table(m),
-        f"<p class='muted'>Each cell: the mean over the n events scored, and under it a 95% interval of "
-        f"that mean: a percentile bootstrap over events ({BOOTSTRAP_RESAMPLES} resamples, clipped to the "
-        f"metric's range), given only when n ≥ {MIN_N_INTERVAL}. Best per column in green. "
-        f"(metrics.json also holds a Student-t interval; it can cross 0 with few events.)</p>",
+        f"<p class='muted note'>Each cell: the mean over the n events scored, and under it a 95% interval "
+        f"of that mean: a percentile bootstrap over events ({BOOTSTRAP_RESAMPLES} resamples, clipped to the "
+        f"metric's range), given only when n ≥ {MIN_N_INTERVAL}"
+        + (f" (here n = {m['n_events']}: no interval; run more events to get one)"
+           if m["n_events"] < MIN_N_INTERVAL else "")
+        + ". Best per column in green. metrics.json's ci95 is a Student-t interval: with few events it can "
+        "cross 0.</p>",
         _glossary(_bins(result)),
         "<h2>Per dimension (long horizon, mean over events)</h2>",
         dimension_table(m),
         "<h2>Real vs simulated shares, averaged over events</h2>",
         _img(plots.average if plots else None, "average"),
     ]
-    shown = [e for e in m["events"] if plots is not None and e in plots.events][:max_events]
-    sources, why = load_sources(result.run, shown) if shown else ({}, None)
-    parts.append(f"<h2>Events ({len(shown)} of {m['n_events']} shown)</h2>")
+    shown = [e for e in listed if e in with_plot]
+    parts.append(f"<h2>Event by event ({len(shown)} of {m['n_events']} shown)</h2>")
     for e in shown:
         steps = result.run.steps.get(e, [])
         src = sources.get(e)
