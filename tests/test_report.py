@@ -134,3 +134,11 @@ def test_report_has_no_raw_metric_names_in_event_tables(evaluated):
     table = R._event_scores(result.metrics["events"][e], result.metrics["sources"])
     assert "<th>W1 ↓</th>" in table and "wasserstein" not in table
     assert np.isfinite([float(x) for x in re.findall(r'<td class="num">([\d.]+)</td>', table)]).all()
+
+
+def test_keywords_note_says_what_to_install_without_a_chinese_font(monkeypatch):
+    monkeypatch.setattr(R, "has_cjk_font", lambda: False)
+    note = R._keywords_note(["城管", "刘翔"])
+    assert "apt-get install fonts-noto-cjk" in note and "城管 刘翔" in note  # the words are still listed
+    monkeypatch.setattr(R, "has_cjk_font", lambda: True)
+    assert "apt-get" not in R._keywords_note(["城管"])
