@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mfllm.evaluation", "mfllm.training"),
     ("mfllm.whatif", "mfllm.bench"),
     ("mfllm.cli",),
+    ("mfllm.api",),  # the Python API (mfllm.simulate, ...): the package root forwards to it lazily
 ]
 # Same layer, different packages: allowed only in this direction (and never back).
 SIDEWAYS = {("mfllm.data", "mfllm.prompts"), ("mfllm.whatif", "mfllm.evaluation")}

@@ -6,23 +6,35 @@ The options' defaults and the names they accept come from SimConfig (mfllm.simul
 from __future__ import annotations
 
 import json
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import typer
 
+from mfllm.cli.data import loading_progress
 from mfllm.cli.errors import err, fail
 from mfllm.errors import MfllmError, from_validation
 from mfllm.labels import make_labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
+from mfllm.simulation.intervention_spec import build_interventions, parse_spec
+from mfllm.simulation.runner import check_out
 from mfllm.simulation.runner import resume as resume_run
 from mfllm.simulation.runner import simulate as run_sim
 from mfllm.store.export import FORMATS, check_target, export_actions, format_for
 from mfllm.store.run import RunStore, find_damage
+from mfllm.store.rundir import read_run_file
 
 
 def simulate_command(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help="A run config file (YAML or JSON) with the fields of a run's "
+                                "config.json (data, events, sim, backend_name, backend_options, model, "
+                                "interventions); options given on the command line override it."),
     data: str = typer.Option(str(SAMPLE_DATA), help="Events: a CED folder, Rumdect file/folder or JSONL file/folder."),
     out: Path = typer.Option(None, help="Run directory to create (config, mean field per step, every action)."),
     events: str = typer.Option(None, help="Comma-separated event ids (list them with `mfllm data events`)."),
@@ -40,6 +52,9 @@ def simulate_command(
     retries: int = typer.Option(None, help="openai backend: retries of a failed request (default 5, with backoff)."),
     max_concurrency: int = typer.Option(None, help="openai backend: requests in flight at once (default 8)."),
     rate_limit: float = typer.Option(None, help="openai backend: at most this many requests per second."),
+    device: str = typer.Option(None, help="hf backend: auto | cpu | cuda | cuda:N (default auto)."),
+    dtype: str = typer.Option(None, help="hf backend: auto | float32 | bfloat16 | float16 (default auto)."),
+    batch_size: int = typer.Option(None, help="hf backend: most requests per forward batch (default 64)."),
     step_size: int = typer.Option(default("step_size"), help="Agents per step."),
     time_window: float = typer.Option(default("time_window"), help="Seconds per step instead of a fixed number of agents."),
     warmup: int = typer.Option(default("warmup"), help="Real actions fed to the mean field before the rollout."),
@@ -67,42 +82,130 @@ def simulate_command(
 
     Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
     """
-    http = {k: v for k, v in {"timeout_s": timeout, "retries": retries, "max_concurrency": max_concurrency,
-                              "rate_limit_rps": rate_limit}.items() if v is not None}
+    if quiet:
+        _quiet_model_loading()
+    loading = partial(loading_progress, quiet)
     try:
         if resume is not None:
+            http = _http_options(timeout, retries, max_concurrency, rate_limit)
             endpoint = {**({"base_url": base_url} if base_url else {}), **http}
             damage = find_damage(resume)
             if damage is not None:
                 err.print(f"[yellow]note:[/] {damage.path}: {damage.describe()}; this resume redoes them",
                           highlight=False, soft_wrap=True)
-            s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None)
+            s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None, loading=loading)
             out = resume
         else:
             if out is None:
                 raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
-            adapters = _adapter_dirs(backend, meanfield, policy_adapter, meanfield_adapter)
-            cfg = SimConfig(method=method, meanfield=meanfield, step_size=step_size, warmup=warmup,
-                            time_window=time_window, lang=lang, seed=seed, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, meanfield_max_new_tokens=meanfield_max_new_tokens,
-                            teacher_forcing=teacher_forcing, max_rollout_agents=max_agents,
-                            policy_adapter="policy" if policy_adapter else None,
-                            meanfield_adapter="meanfield" if meanfield_adapter else None)
-            opts = {"adapters": adapters} if adapters else {}
-            if backend == "openai":
-                opts = {"base_url": base_url, "api": api, "api_key_env": api_key_env, **http}
-            elif http:
-                raise MfllmError("--timeout / --retries / --max-concurrency / --rate-limit apply to "
-                                 "--backend openai only")
-            s = run_sim(data, str(out), events=events.split(",") if events else None, split=split, limit=limit,
-                        config=cfg, backend_name=backend, model=model, backend_options=opts, progress=not quiet,
-                        on_skipped=_report_skipped, replace=force)
+            check_out(out, force)  # before the (slow) data and model loads
+            opts = dict(ctx.params)
+            given = {k for k in opts if _given(ctx, k)}
+            req = build_request(opts, given, read_run_file(config, SimConfig) if config else None)
+            s = run_sim(req.data, str(out), events=req.events, split=split, limit=limit, config=req.sim,
+                        backend_name=req.backend, model=req.model, backend_options=req.backend_options,
+                        interventions=req.interventions, intervention_spec=req.intervention_spec,
+                        progress=not quiet, on_skipped=_report_skipped, replace=force, loading=loading)
     except MfllmError as e:
         raise fail(e) from None
     except ValueError as e:  # SimConfig's (pydantic) checks of the options
         raise fail(from_validation(e)) from None
-    err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated in {s.seconds:.1f}s -> {out}")
+    err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated (rollout; warm-up not "
+              f"counted) in {s.seconds:.1f}s -> {out}", highlight=False)
     _report_context_cuts(out)
+
+
+# CLI option -> SimConfig field (the others have the same name in both)
+SIM_OPTIONS = {"method": "method", "meanfield": "meanfield", "step_size": "step_size", "warmup": "warmup",
+               "time_window": "time_window", "lang": "lang", "seed": "seed", "temperature": "temperature",
+               "top_p": "top_p", "max_new_tokens": "max_new_tokens",
+               "meanfield_max_new_tokens": "meanfield_max_new_tokens", "teacher_forcing": "teacher_forcing",
+               "max_agents": "max_rollout_agents"}
+HF_OPTIONS = ("device", "dtype", "batch_size")
+OPENAI_OPTIONS = {"base_url": "base_url", "api": "api", "api_key_env": "api_key_env"}
+
+
+@dataclass
+class SimRequest:
+    """What `mfllm simulate` (and mfllm.simulate) runs: the options merged with a run config file."""
+
+    data: str
+    events: list[str] | None
+    sim: SimConfig
+    backend: str
+    model: str | None
+    backend_options: dict
+    interventions: list | None = None
+    intervention_spec: dict | None = None
+
+
+def build_request(opts: dict, given: set[str], file: dict | None = None) -> SimRequest:
+    """Merge the command's options with a run config file: an option given on the command line (``given``)
+    wins, else the file's field, else the option's default."""
+    file = file or {}
+
+    def pick(name: str, key: str) -> object:
+        return opts[name] if name in given or key not in file else file[key]
+
+    sim = dict(file.get("sim") or {})
+    for name, fld in SIM_OPTIONS.items():
+        if name in opts and (name in given or not file):
+            sim[fld] = opts[name]
+    backend = pick("backend", "backend_name")
+    same_backend = file.get("backend_name", "hf") == backend
+    backend_options = dict(file.get("backend_options") or {}) if same_backend else {}
+    adapters = {**backend_options.get("adapters", {}),
+                **_adapter_dirs(backend, sim.get("meanfield", default("meanfield")), opts.get("policy_adapter"),
+                                opts.get("meanfield_adapter"))}
+    for role in ("policy", "meanfield"):
+        if opts.get(f"{role}_adapter"):
+            sim[f"{role}_adapter"] = role
+    http = _http_options(opts.get("timeout"), opts.get("retries"), opts.get("max_concurrency"),
+                         opts.get("rate_limit"))
+    if backend == "openai":
+        for name, key in OPENAI_OPTIONS.items():
+            if name in given or key not in backend_options:
+                backend_options[key] = opts.get(name)
+        backend_options.update(http)
+    elif http:
+        raise MfllmError("--timeout / --retries / --max-concurrency / --rate-limit apply to --backend openai only")
+    local = {k: opts[k] for k in HF_OPTIONS if opts.get(k) is not None}
+    if local and backend != "hf":
+        raise MfllmError("--device / --dtype / --batch-size apply to --backend hf")
+    if local.get("dtype") == "auto":
+        local["dtype"] = None
+    backend_options.update(local)
+    if adapters:
+        backend_options["adapters"] = adapters
+    elif backend_options.get("adapters") == {}:
+        backend_options.pop("adapters")
+    if opts.get("events") and ("events" in given or "events" not in file):
+        events = opts["events"].split(",")
+    else:
+        events = file.get("events")
+    spec = file.get("interventions")
+    return SimRequest(data=str(pick("data", "data")), events=events, sim=SimConfig(**sim), backend=str(backend),
+                      model=pick("model", "model"), backend_options=backend_options,
+                      interventions=build_interventions(parse_spec(spec)) if spec else None,
+                      intervention_spec=spec)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether an option was given (command line or environment), not left at its default."""
+    src = ctx.get_parameter_source(name)
+    return getattr(src, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _http_options(timeout, retries, max_concurrency, rate_limit) -> dict:
+    return {k: v for k, v in {"timeout_s": timeout, "retries": retries, "max_concurrency": max_concurrency,
+                              "rate_limit_rps": rate_limit}.items() if v is not None}
+
+
+def _quiet_model_loading() -> None:
+    """--quiet: no "Loading weights" bar either (transformers reads this switch when it is imported)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # already imported (a caller in this process): switch its bars off
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _report_context_cuts(run_dir: Path) -> None:

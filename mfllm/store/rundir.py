@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from mfllm.errors import ConfigError, DataError, from_validation
@@ -86,6 +87,61 @@ def config_diffs(cfg: Mapping, expected_sim: Mapping, events: list[str], interve
     if cfg.get("interventions") != interventions:
         diffs.append(f"interventions: {cfg.get('interventions')!r} vs {interventions!r}")
     return diffs
+
+
+# --------------------------------------------------------------------------- a run config file (simulate --config)
+
+# A run config file (YAML or JSON) has the fields of a run's config.json, so a run's own config.json re-runs it.
+RUN_FILE_FIELDS = ("data", "events", "sim", "backend_name", "backend_options", "model", "interventions")
+_WRITTEN_ONLY = ("backend", "dropped_actions")  # what a run records about itself: accepted and ignored
+_RUN_FILE_TYPES = {"data": (str,), "events": (list,), "sim": (dict,), "backend_name": (str,),
+                   "backend_options": (dict,), "model": (str,), "interventions": (dict, list)}
+
+
+def read_run_file(path: str | os.PathLike | dict, sim_model: type[M]) -> dict:
+    """A run config file (or the dict such a file holds) as a dict of its :data:`RUN_FILE_FIELDS` (absent
+    ones left out); ``sim`` is checked against ``sim_model`` (the simulation's config class) but returned as
+    given, so that options given on the command line can still override it field by field. One clear error
+    names the file and the field."""
+    if isinstance(path, dict):
+        cfg, p = path, Path("config")
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror or e}", path=str(p)) from None
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML / JSON: {str(e).splitlines()[0]}", path=str(p)) from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConfigError("expected a mapping of fields (those of a run's config.json)", path=str(p))
+    for key, value in cfg.items():
+        if key not in RUN_FILE_FIELDS + _WRITTEN_ONLY:
+            raise ConfigError(f"unknown field; a run config has the fields of config.json: "
+                              f"{', '.join(RUN_FILE_FIELDS)}", path=str(p), field=str(key))
+        if key in _RUN_FILE_TYPES and value is not None and not isinstance(value, _RUN_FILE_TYPES[key]):
+            kinds = " or ".join({"str": "a string", "list": "a list", "dict": "a mapping"}[t.__name__]
+                                for t in _RUN_FILE_TYPES[key])
+            raise ConfigError(f"expected {kinds} (got {value!r})", path=str(p), field=key)
+    if cfg.get("events") is not None and not all(isinstance(e, str | int) for e in cfg["events"]):
+        raise ConfigError("expected a list of event ids", path=str(p), field="events")
+    sim = cfg.get("sim") or {}
+    for key in sim:
+        if key not in sim_model.model_fields:
+            raise ConfigError(f"unknown field; choose from {', '.join(sim_model.model_fields)}", path=str(p),
+                              field=f"sim.{key}")
+    try:
+        sim_model(**sim)
+    except ValidationError as e:
+        raise from_validation(e, path=str(p), prefix="sim.") from None
+    out = {k: cfg[k] for k in RUN_FILE_FIELDS if cfg.get(k) is not None}
+    if "events" in out:
+        out["events"] = [str(e) for e in out["events"]]
+    return out
 
 
 # --------------------------------------------------------------------------- the whole run (evaluation)
