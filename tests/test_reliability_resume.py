@@ -314,7 +314,7 @@ def _tensors(model_dir: Path) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def test_train_mini_killed_then_rerun_continues_to_the_same_model(cli, tmp_path):
+def test_train_mini_killed_then_rerun_continues_to_the_same_model(cli, tmp_path, monkeypatch):
     data = _train_data(tmp_path / "train.jsonl")
     out = tmp_path / "model"
     ckpt = out / "_work" / "checkpoint"
@@ -338,7 +338,13 @@ def test_train_mini_killed_then_rerun_continues_to_the_same_model(cli, tmp_path)
     assert (out / "training_info.json").is_file() and not (out / "_work").exists()
     assert "12345.0" in (out / "loss_curve.csv").read_text().splitlines()[1]  # continued, not restarted
 
+    from mfllm.training import mini
+
+    evals = []
+    real_evaluate = mini.evaluate
+    monkeypatch.setattr(mini, "evaluate", lambda *a, **k: evals.append(1) or real_evaluate(*a, **k))
     ref = _train_in_process(data, tmp_path / "ref")  # uninterrupted
+    assert len(evals) == 3  # steps 100, 200, 260: the last one is the final validation, not run a second time
     got, want = _tensors(out), _tensors(ref)
     assert sorted(got) == sorted(want)
     for k in want:

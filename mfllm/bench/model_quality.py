@@ -50,12 +50,44 @@ def _walk(event, picks: set[int], lang: str, mf_model: StatsMeanField, step_size
     return rows, mf_by_step
 
 
+class _Phases:
+    """A bar over the report's phases on stderr (each a batched model call of a few seconds to minutes)."""
+
+    def __init__(self, enabled: bool, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]bench model"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True),
+                            transient=True, disable=not enabled)
+        self.task = self.bar.add_task("loading the model", total=total)
+        self.bar.start()
+
+    def phase(self, text: str) -> None:
+        """The previous phase is done; this one starts."""
+        self.bar.update(self.task, advance=1, description=text)
+
+    def close(self) -> None:
+        self.bar.update(self.task, advance=1)
+        self.bar.stop()
+
+
 def model_report(model: str, data: str, split: str = "test", limit: int = 20, agents_per_event: int = 16,
-                 seed: int = 0, lang: str = "zh", step_size: int = 16, backend=None) -> dict:
+                 seed: int = 0, lang: str = "zh", step_size: int = 16, backend=None, progress: bool = False) -> dict:
     from mfllm.backends.hf import HFBackend
 
-    be = backend or HFBackend(model)
+    bar = _Phases(progress, total=3 + len(METHOD_ROWS) + 3 + 1 + 1)  # model, events, prompts; scores; gen
+    try:
+        return _report(bar, model, data, split, limit, agents_per_event, seed, lang, step_size,
+                       backend or HFBackend(model))
+    finally:
+        bar.close()
+
+
+def _report(bar: _Phases, model, data, split, limit, agents_per_event, seed, lang, step_size, be) -> dict:
+    bar.phase("loading events")
     events = load_events(data, split=split, limit=limit).events
+    bar.phase(f"building prompts ({len(events)} events)")
     rng = random.Random(seed)
     mf_model = StatsMeanField(lang=lang)
     walked = []
@@ -82,6 +114,7 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
     chars = sum(len(t) + 1 for t in targets)
     nll = {}
     for m in METHOD_ROWS:
+        bar.phase(f"scoring {len(conts)} real actions under the {m} prompt")
         scored = be.score_tokens(prompts[m], conts)
         nll[m] = {"nll_per_char": -sum(s for s, _ in scored) / chars,
                   "nll_per_token": -sum(s for s, _ in scored) / sum(n for _, n in scored)}
@@ -90,6 +123,7 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
     is_repost = [t == strings(lang)["repost"] for t in targets]
     repost_decision = {}
     for m in ("mf", "mf-other", "state"):
+        bar.phase(f"scoring the repost decision under the {m} prompt")
         lp = [s for s, _ in be.score_tokens(prompts[m], [marker] * len(targets))]
         p = [min(max(math.exp(x), 1e-6), 1 - 1e-6) for x in lp]
         repost_decision[m] = {
@@ -98,6 +132,7 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
     base = sum(is_repost) / len(is_repost)
     repost_decision["constant"] = {"log_loss": -(base * math.log(base) + (1 - base) * math.log(1 - base)),
                                    "mean_p_repost": base}
+    bar.phase("unigram baseline")
     uni_path = Path(model) / UNIGRAM_FILE
     if uni_path.exists():
         counts = {int(k): v for k, v in json.loads(uni_path.read_text()).items()}
@@ -107,6 +142,7 @@ def model_report(model: str, data: str, split: str = "test", limit: int = 20, ag
 
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=48, stop=("\n",))
     reqs = [GenerationRequest(p, seed=seed * 100003 + i, params=params) for i, p in enumerate(prompts["mf"])]
+    bar.phase(f"generating {len(reqs)} actions")
     t0 = time.perf_counter()
     comps = be.generate(reqs)
     dt = time.perf_counter() - t0

@@ -174,6 +174,7 @@ def model_command(
     agents: int = typer.Option(16, help="Actions scored per event."),
     seed: int = typer.Option(0, help="Seed for the sampled actions and generations."),
     json_out: Path = typer.Option(None, "--json", help="Also write the report as JSON."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Policy model quality: NLL of real actions per method's prompt vs the unigram baseline, whether
     the model reads the mean field (empty / another event's mean field), repost share, samples, speed."""
@@ -182,7 +183,7 @@ def model_command(
     from mfllm.bench.model_quality import model_report
 
     try:
-        r = model_report(model, data, split=split, limit=limit, agents_per_event=agents, seed=seed)
+        r = model_report(model, data, split=split, limit=limit, agents_per_event=agents, seed=seed, progress=not quiet)
     except MfllmError as e:
         raise fail(e) from None
     for name, v in r["nll"].items():

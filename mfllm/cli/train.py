@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from mfllm.cli.data import loading_progress
 from mfllm.cli.errors import user_errors
 from mfllm.paths import DEFAULT_MODEL
 
@@ -30,6 +32,7 @@ def train_mini_command(
     batch_size: int = typer.Option(16, help="Sequences per optimisation step."),
     examples: str = typer.Option(None, help="Prebuilt examples (.jsonl.gz from --prepare-only): train without the raw data."),
     prepare_only: bool = typer.Option(False, help="Only build the examples file (OUT/_work/examples.jsonl.gz) and stop."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Train mfllm-mini from scratch on the training split (about an hour on a 2-core CPU by default).
 
@@ -43,14 +46,23 @@ def train_mini_command(
                      heads=max(1, hidden // 64), intermediate=int(hidden * 2.75) // 8 * 8,
                      agents_per_event=agents_per_event, max_train_events=max_train_events, threads=threads,
                      examples=examples, device=device, batch_size=batch_size)
+    loading = partial(loading_progress, quiet)
     with user_errors():
         if prepare_only:
-            p = prepare_examples(cfg, Path(out) / "_work" / "examples.jsonl.gz")
+            p = prepare_examples(cfg, Path(out) / "_work" / "examples.jsonl.gz", loading)
             console.print(f"[green]examples[/] -> {p}")
             return
-        info = train_mini(cfg)
-    console.print(json.dumps({k: info[k] for k in ("parameters", "tokens_seen", "train_seconds", "val",
-                                                    "unigram_baseline")}, indent=1))
+        info = train_mini(cfg, progress=not quiet, loading=loading)
+    console.print(mini_summary(info, out), highlight=False)
+
+
+def mini_summary(info: dict, out: str) -> str:
+    """What a finished `train mini` says (training_info.json holds everything)."""
+    val, base = info["val"]["policy"]["nll_per_token"], info["unigram_baseline"]["nll_per_token"]
+    return (f"[green]trained[/] {info['parameters'] / 1e6:.1f}M parameters on {info['tokens_seen']:,} tokens in "
+            f"{info['train_seconds']:.0f}s -> {out}\n"
+            f"  validation: {val:.3f} nats per action token (unigram baseline {base:.3f}: "
+            f"{100 * (1 - val / base):.0f}% lower); details in {out}/training_info.json, curve in loss_curve.png")
 
 
 # ----------------------------------------------------------------------------- IB-Tune (docs/ibtune.md)

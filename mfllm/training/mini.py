@@ -19,8 +19,10 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,19 +72,22 @@ class MiniConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def load_split(path: str, split: str, limit: int | None = None):
+def load_split(path: str, split: str, limit: int | None = None, progress=None):
     from mfllm.data.load import load_events
 
-    return load_events(path, split=split, limit=limit).events
+    return load_events(path, split=split, limit=limit, progress=progress).events
 
 
-def prepare_examples(cfg: MiniConfig, path: Path) -> Path:
+def prepare_examples(cfg: MiniConfig, path: Path, loading=None) -> Path:
     """Build train (train split) and val (val split) examples once and store them (gzip JSONL).
 
     A prebuilt file lets the same training run on a machine without the raw data (e.g. a GPU box).
+    ``loading()``: a context giving the loaders' ``progress(done, total)`` callback (a bar while the data loads).
     """
-    train_events = load_split(cfg.data, "train", cfg.max_train_events)
-    val_events = load_split(cfg.data, "val")
+    with (loading or nullcontext)() as tick:
+        train_events = load_split(cfg.data, "train", cfg.max_train_events, progress=tick)
+    with (loading or nullcontext)() as tick:
+        val_events = load_split(cfg.data, "val", progress=tick)
     kw = dict(lang=cfg.lang, agents_per_event=cfg.agents_per_event, meanfield_per_event=cfg.meanfield_per_event,
               mix=cfg.mix)
     train = build_examples(train_events, seed=cfg.seed, **kw)
@@ -200,9 +205,11 @@ UNIGRAM_FILE = "unigram_counts.json"
 def unigram_counts(tokenizer, train: list[Example]) -> Counter:
     """Token counts of the training actions (target + end): the marginal baseline a model must beat."""
     counts: Counter = Counter()
-    for ex in train:
-        if ex.kind.startswith("policy"):
-            counts.update(tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    targets = [ex.target for ex in train if ex.kind.startswith("policy")]
+    for i in range(0, len(targets), 4096):  # batched: the fast tokenizer does a batch in one call
+        for ids in tokenizer(targets[i:i + 4096], add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+    counts[tokenizer.eos_token_id] += len(targets)  # each action ends with eos
     return counts
 
 
@@ -258,7 +265,8 @@ def load_checkpoint(ckpt: Path, model_cls, opt_factory):
 # ----------------------------------------------------------------------------- main
 
 
-def train_mini(cfg: MiniConfig, progress=True) -> dict:
+def train_mini(cfg: MiniConfig, progress=True, loading=None) -> dict:
+    """Train (or continue training) mfllm-mini; returns training_info.json. ``loading``: see prepare_examples."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if cfg.threads:
@@ -271,7 +279,7 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
 
     ex_path = Path(cfg.examples) if cfg.examples else work / "examples.jsonl.gz"
     if not ex_path.exists():
-        prepare_examples(cfg, ex_path)
+        prepare_examples(cfg, ex_path, loading)
     train, val, data_info = read_examples(ex_path)
 
     tok_dir = work / "tokenizer"
@@ -340,6 +348,7 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
 
     tokens_seen = sum(h.get("tokens", 0) for h in history[-1:]) if history else 0
     t_train = time.time()
+    last_eval = None  # the last step's validation is the final one (the model does not change after it)
     with Progress(TextColumn("[bold]train mini"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
@@ -356,7 +365,7 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
             tokens_seen += int(att.sum())
             row = {"step": s + 1, "train_loss": round(loss.item(), 4), "lr": lr_at(s), "tokens": tokens_seen}
             if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
-                ev = evaluate(model, tokenizer, val, val_enc, 32)
+                ev = last_eval = evaluate(model, tokenizer, val, val_enc, 32)
                 row["val_action_nll_per_token"] = round(ev["policy"]["nll_per_token"], 4)
             history.append(row)
             bar.update(task, advance=1, info=f"loss {loss.item():.3f}"
@@ -365,7 +374,8 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
                 save_checkpoint(ckpt, model, opt, s + 1, history)
     train_seconds = time.time() - t_train
 
-    final = evaluate(model, tokenizer, val, val_enc, 32)
+    final = last_eval if last_eval is not None else evaluate(model, tokenizer, val, val_enc, 32)
+    _note(progress, f"train mini: unigram baseline over {len(train):,} training examples, then saving the model")
     counts = unigram_counts(tokenizer, train)
     base = unigram_baseline(tokenizer, counts, val)
     model.config.dtype = "float16"  # halves the checkpoint; backends load it as float32 on CPU
@@ -379,6 +389,12 @@ def train_mini(cfg: MiniConfig, progress=True) -> dict:
     atomic_write_json(out / "training_info.json", info)
     shutil.rmtree(work, ignore_errors=True)
     return info
+
+
+def _note(progress: bool, text: str) -> None:
+    """One line on stderr between the bar's phases (so that the end of a run is never silent)."""
+    if progress:
+        print(text, file=sys.stderr, flush=True)
 
 
 def write_curve_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
