@@ -129,3 +129,29 @@ def test_simulate_help_lists_the_new_options():
     res = cli_inproc("export", "--help")
     for opt in ("--format", "--partial", "--no-labels"):
         assert opt in res.stdout
+
+
+def test_intervene_bar_counts_simulated_agents_not_injected_posts(tmp_path, capsys):
+    """`intervene` showed 976/960: its bar counted warm-up actions and injected posts against all actions."""
+    from mfllm.backends.base import BackendStats, Completion
+    from mfllm.data.load import load_events
+    from mfllm.simulation.intervention_spec import build_interventions
+    from mfllm.whatif.common import run_arm
+
+    class Echo:
+        name = "echo"
+
+        def __init__(self):
+            self.stats = BackendStats()
+
+        def generate(self, reqs):
+            return [Completion(f"回复{r.seed % 997}", 1, 1) for r in reqs]
+
+    ev = load_events(str(SAMPLE_DATA), limit=1).events[0]
+    ev.actions = ev.actions[:40]
+    spec = [{"kind": "inject", "at_step": 3, "texts": ["等待真相"], "count": 5, "state": "用户：官方"}]
+    cfg = SimConfig(step_size=4, warmup=8)
+    arm = run_arm("intervene", [ev], cfg, Echo(), tmp_path / "arm", {}, build_interventions(spec), None, True)
+    shown = capsys.readouterr().out
+    assert "32/32 simulated agents" in shown, shown  # 40 actions - 8 warm-up; the 5 injected posts not counted
+    assert arm.agents_simulated == 32

@@ -29,7 +29,7 @@ from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.engine import SimConfig, Simulator
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.population import synthetic_event
-from mfllm.simulation.runner import Interrupted, StopFlag, public_options
+from mfllm.simulation.runner import Interrupted, StopFlag, public_options, rollout_agents
 from mfllm.simulation.runner import check_config as check_run_config
 from mfllm.store.run import RunStore, read_steps
 
@@ -169,14 +169,16 @@ def run_arm(name: str, events: list[Event], config: SimConfig, backend: Backend,
         stores[ev.event_id] = st
         dirs.append(d)
     sim = Simulator(backend, cfg, interventions=interventions)
-    total = sum(len(e.actions) for e in events)
+    total = sum(rollout_agents(e, cfg) for e in events)  # as `mfllm simulate`: simulated agents, no posts injected
     with StopFlag() as flag, Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("agents"), TimeElapsedColumn(), disable=not progress) as bar:
+                                      TextColumn("simulated agents"), TimeElapsedColumn(),
+                                      disable=not progress) as bar:
         task = bar.add_task(name, total=total)
 
         def sink(rec: dict) -> None:
             stores[rec["event_id"]].append(rec)
-            bar.update(task, advance=len(rec["actions"]))
+            if rec["phase"] == "rollout":
+                bar.update(task, advance=sum(not a.get("injected") for a in rec["actions"]))
 
         try:
             summary = sim.run(events, sink, should_stop=lambda: flag.stop)
