@@ -88,7 +88,7 @@ class StepsDamage:
     intact_after: int  # of those, lines that pass their own check: steps lost from the middle of the file
 
     def describe(self) -> str:
-        intact = f", {self.intact_after} of them intact" if self.intact_after else ""
+        intact = f" ({self.intact_after} of them intact)" if self.intact_after else ""
         return (f"line {self.line} is damaged (torn or failing its sha check); it and the {self.after} "
                 f"step line(s) after it{intact} are ignored")
 
