@@ -53,12 +53,17 @@ class DecideConfig(BaseModel):
     warmup_steps: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    header_weight: float = Field(2.0, ge=0, description="loss weight of the header tokens (text tokens: 1)")
+    header_weight: float = Field(10.0, ge=0, description="loss weight of the header tokens (text tokens: 1)")
+    # The shipped run began with header weight 2 and was resumed at step 200 with 10 (the header learned too
+    # slowly: its log-loss was still above the marginal's); these two fields make that run reproducible.
+    early_header_weight: float | None = Field(None, ge=0, description="header weight before early_steps")
+    early_steps: int = Field(0, ge=0)
     max_train_events: int | None = None
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
     threads: int | None = 2
+    bf16: bool = Field(True, description="bfloat16 autocast on the CPU (weights and optimizer stay float32)")
 
 
 def _lr(cfg: DecideConfig, s: int) -> float:
@@ -148,8 +153,10 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     for s in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, s)
-        batch = pack([steps[i] for i in order[s]], header_weight=cfg.header_weight)
-        nll = packed_nll(model, batch)
+        hw = cfg.early_header_weight if s < cfg.early_steps and cfg.early_header_weight is not None else cfg.header_weight
+        batch = pack([steps[i] for i in order[s]], header_weight=hw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            nll = packed_nll(model, batch).float()
         loss = (nll * batch.weight).sum() / batch.n_examples  # weighted NLL per action
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -202,6 +209,20 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
     atomic_write_json(dest / "training_info.json", info)
     shutil.rmtree(dest / "_work", ignore_errors=True) if out is None and last.get("step") == cfg.steps else None
     return info
+
+
+def export_checkpoint(cfg: DecideConfig, dest: str) -> dict:
+    """Export the last checkpoint of a run (finished or not) as a model folder at `dest`."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    work = Path(cfg.out) / "_work"
+    ckpt = work / "checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32)
+    history = json.loads((ckpt / "progress.json").read_text())["history"]
+    with open(work / "steps.pkl", "rb") as f:  # our own cache (train_decide wrote it)
+        _, data_info = pickle.load(f)
+    return export(cfg, model, PreTrainedTokenizerFast.from_pretrained(cfg.init), history, data_info,
+                  history[-1]["train_seconds"] if history else 0.0, out=dest)
 
 
 if __name__ == "__main__":  # python -m mfllm.training.decide.train '{"data": ..., "out": ...}' (JSON config)
