@@ -123,7 +123,7 @@ def test_engine_kwargs_keep_seeds_honoured_on_cpu():
     cpu = engine_kwargs("m", on_cpu=True, seed_base=7, n_adapters=2, max_lora_rank=8)
     assert (cpu["enable_chunked_prefill"], cpu["enforce_eager"], cpu["dtype"], cpu["seed"]) == (False, True, "float32", 7)
     assert (cpu["enable_lora"], cpu["max_loras"], cpu["max_lora_rank"]) == (True, 2, 8)
-    assert "gpu_memory_utilization" not in cpu
+    assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == 1 << 30
     assert engine_kwargs("m", on_cpu=True, dtype="bfloat16", enforce_eager=False)["enforce_eager"] is False
     with pytest.raises(ConfigError, match="chunked prefill") as e:
         engine_kwargs("m", on_cpu=True, enable_chunked_prefill=True)

@@ -17,6 +17,8 @@ docs/backends.md.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 from mfllm.backends.base import BackendStats, Completion, GenerationRequest, SamplingParams
 from mfllm.errors import BackendError, ConfigError, MfllmError
 from mfllm.seeds import seed63
+
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def vllm_seed(seed: int, seed_base: int = 0) -> int:
@@ -126,7 +130,8 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM``. On CPU: chunked prefill off (seeded sampling needs it: see the module
     docstring), eager mode (torch.compile costs minutes of start-up on a small CPU and gains little for small
-    models) and float32 for ``dtype="auto"`` (as the hf backend; a float16 checkpoint is cast)."""
+    models), a fixed KV cache of ``CPU_KV_CACHE_BYTES`` (``kv_cache_memory_bytes=`` to change) and float32 for
+    ``dtype="auto"`` (as the hf backend; a float16 checkpoint is cast)."""
     kw: dict[str, Any] = {
         "model": str(model),
         "dtype": dtype,
@@ -141,7 +146,9 @@ def engine_kwargs(
                 "(its sampler rewinds a CPU generator: 'CPU Generator does not use offset'); leave it off",
                 field="enable_chunked_prefill",
             )
-        kw.update(enable_chunked_prefill=False, enforce_eager=True)
+        # vLLM's CPU worker reserves gpu_memory_utilization x the machine's RAM, and refuses to start when that
+        # much is not free; a fixed KV cache (1 GiB: ~130k tokens of mfllm-mini) starts on a busy machine.
+        kw.update(enable_chunked_prefill=False, enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
         if dtype == "auto":
             kw["dtype"] = "float32"
     else:
@@ -176,6 +183,39 @@ def fit_budget(
     return out, capped
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank_for(paths) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds every adapter's rank (peft's adapter_config.json ``r``).
+    It sizes vLLM's stacked LoRA weights, which the CPU kernels gather per token: a needless 64 is slow."""
+    need = max((int(json.loads((Path(p) / "adapter_config.json").read_text(encoding="utf-8")).get("r", 64))
+                for p in paths), default=8)
+    return next((r for r in VLLM_LORA_RANKS if r >= need), need)
+
+
+BASE_ROLE = "_base"  # the zero adapter that stands for "no adapter" in an engine with LoRA enabled
+
+
+def write_zero_adapter(like: str | Path, out: str | Path) -> Path:
+    """A LoRA adapter with the modules and ranks of ``like`` whose weights are all zero: the base model exactly.
+
+    Why: vLLM 0.32's CPU LoRA kernels (``lora/ops/torch_ops``) select each row's adapter with
+    ``weights[index]``, and a request without an adapter has index -1, which Python reads as the LAST adapter
+    slot. A batch that mixes adapter and no-adapter requests then runs the no-adapter rows with another adapter
+    (measured: garbage text for base rows). Giving base requests this zero adapter means no row ever has -1.
+    """
+    import torch  # heavy: only when adapters are used
+    from safetensors.torch import load_file, save_file
+
+    like, out = Path(like), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes((like / "adapter_config.json").read_bytes())
+    weights = load_file(str(like / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
 class VLLMBackend:
     """``VLLMBackend(model, enable_prefix_caching=True, adapters={"policy": path})`` with an in-process
     ``vllm.LLM``. Extra keyword arguments go to ``vllm.LLM`` (see :func:`engine_kwargs` for the CPU defaults).
@@ -195,7 +235,7 @@ class VLLMBackend:
         seed_base: int = 0,
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
-        max_lora_rank: int = 64,
+        max_lora_rank: int | None = None,
         tensor_parallel_size: int = 1,
         **llm_kwargs: Any,
     ):
@@ -218,11 +258,19 @@ class VLLMBackend:
                 raise ConfigError(f"adapter '{role}': not a directory: {spec.path}", field="adapters")
         self.adapters = {role: s.path for role, s in self.specs.items()}
         self._lora = {role: LoRARequest(s.name, s.int_id, s.path) for role, s in self.specs.items()}
+        self._base_lora = None
+        if self.specs:  # see write_zero_adapter: requests without an adapter run with a zero one
+            self._zero_dir = tempfile.TemporaryDirectory(prefix="mfllm-vllm-zero-lora-")
+            first = next(iter(self.specs.values())).path
+            zero = write_zero_adapter(first, self._zero_dir.name)
+            self._base_lora = LoRARequest(BASE_ROLE, len(self.specs) + 1, str(zero))
         self.on_cpu = bool(current_platform.is_cpu())
         kw = engine_kwargs(
             self.model, on_cpu=self.on_cpu, enable_prefix_caching=self.enable_prefix_caching, dtype=dtype,
             seed_base=self.seed_base, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            n_adapters=len(self.specs), max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
+            n_adapters=len(self.specs) + 1 if self.specs else 0,
+            max_lora_rank=max_lora_rank or lora_rank_for(a.path for a in self.specs.values()),
+            tensor_parallel_size=tensor_parallel_size,
             **llm_kwargs,
         )
         self._llm_kwargs = {k: v for k, v in kw.items() if k != "model"}
@@ -265,12 +313,12 @@ class VLLMBackend:
         requests, capped = fit_budget(requests, [len(x) for x in ids], self.max_context)
         _, kwargs, loras = build_batch(requests, self.specs, self.seed_base)
         sps = [self._vllm.SamplingParams(**k) for k in kwargs]
-        lora_reqs = [self._lora[s.name] if s is not None else None for s in loras]
+        lora_reqs = [self._lora[s.name] if s is not None else self._base_lora for s in loras]
         try:
             outs = self.llm.generate(
                 [{"prompt_token_ids": x} for x in ids],
                 sampling_params=sps,
-                lora_request=lora_reqs if any(x is not None for x in lora_reqs) else None,
+                lora_request=lora_reqs if self.specs else None,
                 use_tqdm=False,
             )
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
@@ -303,10 +351,16 @@ class VLLMBackend:
                 items.append((i, p_ids + c_ids, len(p_ids)))
         if items:
             sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            lora = self._lora[adapter] if adapter is not None else None
+            lora = self._lora[adapter] if adapter is not None else self._base_lora
+            prompts = [{"prompt_token_ids": ids} for _, ids, _ in items]
             try:
-                outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids, _ in items], sp,
-                                         lora_request=lora, use_tqdm=False)
+                if self.specs:
+                    # vLLM 0.32's LoRA logits path (punica_cpu.add_lora_logits) indexes LoRAs per request, not per
+                    # prompt token: prompt logprobs of several prompts at once kill the engine (einsum size
+                    # mismatch, EngineDeadError) whenever LoRA is enabled. One prompt per call is exact.
+                    outs = [self.llm.generate([q], sp, lora_request=lora, use_tqdm=False)[0] for q in prompts]
+                else:
+                    outs = self.llm.generate(prompts, sp, use_tqdm=False)
             except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
                 raise BackendError("vllm", f"{type(e).__name__}: {e}") from e
             for (i, ids, start), o in zip(items, outs, strict=True):
