@@ -155,3 +155,16 @@ def test_intervene_bar_counts_simulated_agents_not_injected_posts(tmp_path, caps
     shown = capsys.readouterr().out
     assert "32/32 simulated agents" in shown, shown  # 40 actions - 8 warm-up; the 5 injected posts not counted
     assert arm.agents_simulated == 32
+
+
+def test_quiet_hides_the_model_bar_for_that_command_only(tmp_path):
+    """In one process (a notebook, these tests) --quiet must not switch the bars off for what runs next."""
+    import os
+
+    from transformers.utils import logging as tlog
+
+    env, on = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"), tlog.is_progress_bar_enabled()
+    res = cli_inproc("simulate", *ARGS, "--max-agents", "4", "--out", tmp_path / "r", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "Loading weights" not in res.stderr and "simulated agents" not in res.stdout
+    assert (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"), tlog.is_progress_bar_enabled()) == (env, on)

@@ -6,8 +6,8 @@ The options' defaults and the names they accept come from SimConfig (mfllm.simul
 from __future__ import annotations
 
 import json
-import os
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -82,34 +82,33 @@ def simulate_command(
 
     Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
     """
-    if quiet:
-        _quiet_model_loading()
     loading = partial(loading_progress, quiet)
-    try:
-        if resume is not None:
-            http = _http_options(timeout, retries, max_concurrency, rate_limit)
-            endpoint = {**({"base_url": base_url} if base_url else {}), **http}
-            damage = find_damage(resume)
-            if damage is not None:
-                err.print(f"[yellow]note:[/] {damage.path}: {damage.describe()}; this resume redoes them",
-                          highlight=False, soft_wrap=True)
-            s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None, loading=loading)
-            out = resume
-        else:
-            if out is None:
-                raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
-            check_out(out, force)  # before the (slow) data and model loads
-            opts = dict(ctx.params)
-            given = {k for k in opts if _given(ctx, k)}
-            req = build_request(opts, given, read_run_file(config, SimConfig) if config else None)
-            s = run_sim(req.data, str(out), events=req.events, split=split, limit=limit, config=req.sim,
-                        backend_name=req.backend, model=req.model, backend_options=req.backend_options,
-                        interventions=req.interventions, intervention_spec=req.intervention_spec,
-                        progress=not quiet, on_skipped=_report_skipped, replace=force, loading=loading)
-    except MfllmError as e:
-        raise fail(e) from None
-    except ValueError as e:  # SimConfig's (pydantic) checks of the options
-        raise fail(from_validation(e)) from None
+    with _model_bars_off() if quiet else nullcontext():
+        try:
+            if resume is not None:
+                http = _http_options(timeout, retries, max_concurrency, rate_limit)
+                endpoint = {**({"base_url": base_url} if base_url else {}), **http}
+                damage = find_damage(resume)
+                if damage is not None:
+                    err.print(f"[yellow]note:[/] {damage.path}: {damage.describe()}; this resume redoes them",
+                              highlight=False, soft_wrap=True)
+                s = resume_run(str(resume), progress=not quiet, backend_options=endpoint or None, loading=loading)
+                out = resume
+            else:
+                if out is None:
+                    raise MfllmError("--out RUN_DIR is required (or --resume RUN_DIR)")
+                check_out(out, force)  # before the (slow) data and model loads
+                opts = dict(ctx.params)
+                given = {k for k in opts if _given(ctx, k)}
+                req = build_request(opts, given, read_run_file(config, SimConfig) if config else None)
+                s = run_sim(req.data, str(out), events=req.events, split=split, limit=limit, config=req.sim,
+                            backend_name=req.backend, model=req.model, backend_options=req.backend_options,
+                            interventions=req.interventions, intervention_spec=req.intervention_spec,
+                            progress=not quiet, on_skipped=_report_skipped, replace=force, loading=loading)
+        except MfllmError as e:
+            raise fail(e) from None
+        except ValueError as e:  # SimConfig's (pydantic) checks of the options
+            raise fail(from_validation(e)) from None
     err.print(f"[green]done[/] {s.events} events, {s.agents_simulated} agents simulated (rollout; warm-up not "
               f"counted) in {s.seconds:.1f}s -> {out}", highlight=False)
     _report_context_cuts(out)
@@ -201,11 +200,19 @@ def _http_options(timeout, retries, max_concurrency, rate_limit) -> dict:
                               "rate_limit_rps": rate_limit}.items() if v is not None}
 
 
-def _quiet_model_loading() -> None:
-    """--quiet: no "Loading weights" bar either (transformers reads this switch when it is imported)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if "transformers" in sys.modules:  # already imported (a caller in this process): switch its bars off
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
+@contextmanager
+def _model_bars_off() -> Iterator[None]:
+    """--quiet: no "Loading weights" bar either, for this command only (a notebook or a test calling the
+    command keeps its bars for what runs next)."""
+    from transformers.utils import logging as tlog  # heavy, but the local backends import it anyway
+
+    was_on = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            tlog.enable_progress_bar()
 
 
 def _report_context_cuts(run_dir: Path) -> None:
