@@ -4,7 +4,7 @@ One shared typer sub-app; each benchmark adds its command here:
 
 - ``fidelity``: every method (mf, state, recent, popular, ablations) on the same events, model, seeds
   and warm-up, evaluated against the real reactions and the LLM-free baselines -> OUT/results.json and
-  OUT/results.md (mfllm/bench/fidelity.py, docs/results.md).
+  OUT/results.md (mfllm/bench/fidelity/, docs/results.md).
 - ``throughput``: agents per second of the engine vs a one-agent-at-a-time baseline, tokens per agent across
   population sizes, share of the matmul peak, peak memory -> --json OUT (mfllm/bench/throughput.py,
   docs/performance.md).
