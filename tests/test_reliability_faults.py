@@ -71,6 +71,15 @@ FAULTS = {
 FAULT_COUNTS: Counter = Counter()  # faults injected in this module (reported in docs/reliability.md)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _report_fault_counts(request):
+    """After this module: print the faults it injected (docs/reliability.md's table). Not a test: a report."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and FAULT_COUNTS:
+        reporter.write_line("faults injected: " + json.dumps(dict(sorted(FAULT_COUNTS.items()))))
+
+
 def _req(seed=1):
     return GenerationRequest("你好", seed=seed, params=SamplingParams(max_new_tokens=8))
 
@@ -362,8 +371,3 @@ def test_resume_against_an_endpoint_that_moved(cli, mini_server, mini_reference,
     assert json.loads((run / "config.json").read_text())["backend_options"]["base_url"] == proxy.srv.url
     res = cli.run("simulate", "--resume", tmp_path / "nope", "--base-url", mini_server, "--quiet", timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-
-
-def test_zz_report_fault_counts(tmp_path_factory):
-    """Not a check: prints the faults this module injected (docs/reliability.md's table)."""
-    print("\nfaults injected:", json.dumps(dict(sorted(FAULT_COUNTS.items()))))
