@@ -75,9 +75,10 @@ FAULT_COUNTS: Counter = Counter()  # faults injected in this module (reported in
 def _report_fault_counts(request):
     """After this module: print the faults it injected (docs/reliability.md's table). Not a test: a report."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and FAULT_COUNTS:
-        reporter.write_line("faults injected: " + json.dumps(dict(sorted(FAULT_COUNTS.items()))))
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None and FAULT_COUNTS:
+        with capture.global_and_fixture_disabled():
+            print("\nfaults injected:", json.dumps(dict(sorted(FAULT_COUNTS.items()))))
 
 
 def _req(seed=1):
