@@ -248,3 +248,14 @@ def test_row_metrics_match_scalar_ones():
             assert rows(p, q) == pytest.approx(want, abs=1e-12), rows.__name__
     with pytest.raises(ValueError):
         M.kl_rows([[0, 0]], [[1, 0]])
+
+
+def test_metric_intervals_need_three_events_and_stay_in_the_metrics_range():
+    w1 = [0.1, 12.0]  # two events: a t-interval would reach far below 0
+    assert M.summarize(w1)["ci95"][0] < 0
+    assert M.summarize_metric("wasserstein", w1)["ci95"] is None
+    s = M.summarize_metric("kl", [0.01, 0.02, 3.0])
+    assert s["n"] == 3 and s["ci95"][0] == 0.0 and s["ci95"][1] > s["mean"]
+    f1 = M.summarize_metric("micro_f1", [0.99, 1.0, 0.2])
+    assert f1["ci95"][1] == 1.0
+

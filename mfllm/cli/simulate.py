@@ -83,7 +83,7 @@ def simulate_command(
     Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
     """
     loading = partial(loading_progress, quiet)
-    with _model_bars_off() if quiet else nullcontext():
+    with model_bars_off() if quiet else nullcontext():
         try:
             if resume is not None:
                 http = _http_options(timeout, retries, max_concurrency, rate_limit)
@@ -201,7 +201,7 @@ def _http_options(timeout, retries, max_concurrency, rate_limit) -> dict:
 
 
 @contextmanager
-def _model_bars_off() -> Iterator[None]:
+def model_bars_off() -> Iterator[None]:
     """--quiet: no "Loading weights" bar either, for this command only (a notebook or a test calling the
     command keeps its bars for what runs next)."""
     from transformers.utils import logging as tlog  # heavy, but the local backends import it anyway

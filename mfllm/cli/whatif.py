@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from mfllm.cli.errors import err as _err
 from mfllm.cli.errors import fail
+from mfllm.cli.simulate import model_bars_off
 from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
@@ -107,12 +109,13 @@ def forecast_command(
             src = data
             if observe is None:
                 raise ConfigError("--observe W (real actions used as the warm-up) is required", field="observe")
-        res = forecast(ev, out, observe=observe, horizon=horizon, horizon_time=horizon_time, runs=runs,
-                       config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
-                       backend_name=backend, model=model,
-                       backend_options=_backend_options(backend, base_url, api, api_key_env),
-                       labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
-                       bin_steps=bin_steps, blind=blind, data=src, progress=not quiet, force=force)
+        with model_bars_off() if quiet else nullcontext():
+            res = forecast(ev, out, observe=observe, horizon=horizon, horizon_time=horizon_time, runs=runs,
+                           config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
+                           backend_name=backend, model=model,
+                           backend_options=_backend_options(backend, base_url, api, api_key_env),
+                           labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
+                           bin_steps=bin_steps, blind=blind, data=src, progress=not quiet, force=force)
     except MfllmError as e:
         raise fail(e) from None
     except ValueError as e:  # pydantic validation of options
@@ -161,12 +164,13 @@ def intervene_command(
     try:
         sp = parse_spec(spec)  # a bad spec fails before any model is loaded
         ev = _load_event(data, event)
-        res = intervene(ev, sp, out, observe=observe, horizon=horizon, runs=runs,
-                        config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
-                        backend_name=backend, model=model,
-                        backend_options=_backend_options(backend, base_url, api, api_key_env),
-                        labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,
-                        window=window, data=data, spec_path=str(spec), progress=not quiet, force=force)
+        with model_bars_off() if quiet else nullcontext():
+            res = intervene(ev, sp, out, observe=observe, horizon=horizon, runs=runs,
+                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
+                            backend_name=backend, model=model,
+                            backend_options=_backend_options(backend, base_url, api, api_key_env),
+                            labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,
+                            window=window, data=data, spec_path=str(spec), progress=not quiet, force=force)
     except MfllmError as e:
         raise fail(e) from None
     except ValueError as e:

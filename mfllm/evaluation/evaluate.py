@@ -306,9 +306,9 @@ def aggregate(
         for h in D.HORIZONS:
             rows = [events[e]["scores"].get(s, {}).get(h) for e in ids]
             rows = [r for r in rows if r is not None]
-            summary[s][h] = {m: M.summarize([r["macro"].get(m) for r in rows]) for m in M.METRICS}
+            summary[s][h] = {m: M.summarize_metric(m, [r["macro"].get(m) for r in rows]) for m in M.METRICS}
             per_dim[s][h] = {
-                d: {m: M.summarize([r["dimensions"].get(d, {}).get(m) for r in rows]) for m in M.METRICS}
+                d: {m: M.summarize_metric(m, [r["dimensions"].get(d, {}).get(m) for r in rows]) for m in M.METRICS}
                 for d in ALL_DIMENSIONS
             }
     return {"summary": summary, "dimensions": per_dim}

@@ -270,9 +270,12 @@ SHORT_NAMES: dict[str, str] = {
 HIGHER_IS_BETTER: frozenset[str] = frozenset({"micro_f1"})
 
 
-def summarize(values: Sequence[float | None]) -> dict:
-    """Mean over events, sample std (ddof=1) and a 95% Student-t interval of the mean.
-    None / NaN values are dropped; std and ci95 are None with fewer than 2 values, mean with none."""
+def summarize(values: Sequence[float | None], *, min_n: int = 2,
+              bounds: tuple[float | None, float | None] = (None, None)) -> dict:
+    """Mean over events, sample std (ddof=1) and a 95% Student-t interval of the mean, clipped to the
+    metric's range ``bounds`` (a KL interval never goes below 0). None / NaN values are dropped; std is None
+    with fewer than 2 values, ci95 with fewer than ``min_n`` (evaluate uses 3: two events give no interval
+    worth showing), mean with none."""
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     n = int(v.size)
     if n == 0:
@@ -281,5 +284,21 @@ def summarize(values: Sequence[float | None]) -> dict:
     if n < 2:
         return {"mean": mean, "std": None, "ci95": None, "n": n}
     std = float(v.std(ddof=1))
+    if n < max(2, min_n):
+        return {"mean": mean, "std": std, "ci95": None, "n": n}
     half = float(_student_t.ppf(0.975, n - 1)) * std / np.sqrt(n)
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
+    lo, hi = mean - half, mean + half
+    if bounds[0] is not None:
+        lo = max(lo, bounds[0])
+    if bounds[1] is not None:
+        hi = min(hi, bounds[1])
+    return {"mean": mean, "std": std, "ci95": [lo, hi], "n": n}
+
+
+# The range of each metric (for clipping intervals): all are >= 0, micro-F1 is also <= 1.
+METRIC_BOUNDS: dict[str, tuple[float | None, float | None]] = {"micro_f1": (0.0, 1.0)}
+
+
+def summarize_metric(metric: str, values: Sequence[float | None]) -> dict:
+    """``summarize`` for one of METRICS over events: no interval below 3 events, clipped to the metric's range."""
+    return summarize(values, min_n=3, bounds=METRIC_BOUNDS.get(metric, (0.0, None)))
