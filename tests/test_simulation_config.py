@@ -10,6 +10,7 @@ from mfllm.cli import app
 from mfllm.errors import ConfigError
 from mfllm.prompts.templates import LANGS
 from mfllm.simulation.config import SimConfig, choices, default
+from mfllm.simulation.meanfield import make_meanfield
 from mfllm.simulation.methods import METHODS
 from mfllm.simulation.runner import check_config
 
@@ -17,7 +18,8 @@ from mfllm.simulation.runner import check_config
 def test_literal_names_match_the_registries():
     assert choices("method") == tuple(METHODS)
     assert choices("lang") == LANGS
-    assert choices("meanfield") == ("stats", "llm")
+    assert choices("meanfield") == ("stats", "stats-compact", "llm")
+    assert make_meanfield("stats-compact").name == "stats-compact"
 
 
 @pytest.mark.parametrize("field", ["method", "meanfield", "lang"])
@@ -47,4 +49,4 @@ def test_cli_defaults_and_choices_come_from_simconfig():
             checked += 1
     assert checked >= 12
     out = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).stdout
-    assert "mf | state | recent | popular" in out and "stats | llm" in out and "zh | en" in out
+    assert "mf | state | recent | popular" in out and "stats | stats-compact | llm" in out and "zh | en" in out

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mfllm.backends.base import SamplingParams
 
 MethodName = Literal["mf", "state", "recent", "popular"]
-MeanFieldName = Literal["stats", "llm"]
+MeanFieldName = Literal["stats", "stats-compact", "llm"]
 Lang = Literal["zh", "en"]  # = mfllm.prompts.templates.LANGS
 
 
@@ -43,6 +43,8 @@ class SimConfig(BaseModel):
     policy_adapter: str | None = None
     meanfield_adapter: str | None = None
     events_in_flight: int = Field(8, ge=1, description="events advanced together per batched round")
+    decision_header: bool = Field(False, description="the policy writes a decision header before each action (a "
+                                  "decide model, mfllm_policy.json): split off the text, kept as the record's decision")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

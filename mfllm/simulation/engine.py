@@ -25,6 +25,7 @@ from mfllm.errors import ConfigError
 from mfllm.prompts.templates import policy_prefix, policy_suffix, target_to_action
 from mfllm.seeds import derive_seed  # noqa: F401 - re-exported
 from mfllm.simulation.config import SimConfig  # noqa: F401 - re-exported (its home is config.py)
+from mfllm.simulation.decision import split_header
 from mfllm.simulation.history import History
 from mfllm.simulation.interventions import Intervention
 from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldState, MeanFieldUpdate, make_meanfield
@@ -249,6 +250,9 @@ class Simulator:
                     line = c.text.split("\n", 1)[0]
                     if not line.strip():
                         summary.empty_outputs += 1
+                    if cfg.decision_header:  # the text is the action; the header's labels are kept beside it
+                        dec = split_header(line, lang)
+                        line, row.decision = dec.text, dec.labels or {}
                     row.sim_text = target_to_action(line, lang)
                     row.prompt_tokens, row.generated_tokens = c.prompt_tokens, c.generated_tokens
                     run.prompt_tokens += c.prompt_tokens

@@ -189,6 +189,11 @@ class LLMMeanField(MeanFieldModel):
 def make_meanfield(name: str, lang: str = "zh", backend: Backend | None = None, **options) -> MeanFieldModel:
     if name == "stats":
         return StatsMeanField(lang=lang, **options)
+    if name == "stats-compact":
+        # imported here: compact_meanfield subclasses StatsMeanField from this module (a cycle at the top)
+        from mfllm.simulation.compact_meanfield import CompactStatsMeanField
+
+        return CompactStatsMeanField(lang=lang, **options)
     if name == "llm":
         if backend is None:
             raise ConfigError("the llm mean field needs a backend", field="meanfield")

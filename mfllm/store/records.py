@@ -56,9 +56,11 @@ class ActionRecord(_JsonMapping):
     prompt_tokens: int = 0
     generated_tokens: int = 0
     injected: bool = False
+    decision: dict | None = None  # a decide policy's header labels ({} = missing/malformed); None = no header
 
     def _keys(self) -> tuple[str, ...]:
-        return (*_ACTION_KEYS, "injected") if self.injected else _ACTION_KEYS
+        keys = (*_ACTION_KEYS, "injected") if self.injected else _ACTION_KEYS
+        return keys if self.decision is None else (*keys, "decision")
 
     def to_json(self) -> dict:
         out = {"agent_id": self.agent_id, "action_id": self.action_id, "time": self.time, "state": self.state,
@@ -67,6 +69,8 @@ class ActionRecord(_JsonMapping):
                "generated_tokens": self.generated_tokens}
         if self.injected:
             out["injected"] = True
+        if self.decision is not None:
+            out["decision"] = self.decision
         return out
 
     @classmethod
@@ -75,7 +79,7 @@ class ActionRecord(_JsonMapping):
             return d
         return cls(d["agent_id"], d["action_id"], d.get("time"), d["state"], d["real_text"], d.get("sim_text"),
                    d.get("parent"), d.get("followers"), d.get("prompt_tokens", 0), d.get("generated_tokens", 0),
-                   bool(d.get("injected", False)))
+                   bool(d.get("injected", False)), d.get("decision"))
 
 
 @dataclass(slots=True, eq=False)
