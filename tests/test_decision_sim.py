@@ -1,0 +1,46 @@
+"""The decide policy in a real run: `mfllm simulate --model mfllm-decide` reads the folder's mfllm_policy.json
+(compact mean field, header split off every action and kept as its `decision`); mfllm-mini runs are unchanged."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mfllm.cli import app
+from mfllm.paths import ASSETS
+from mfllm.simulation.decision import header_format
+
+DECIDE = ASSETS / "models" / "mfllm-decide"
+ARGS = ["simulate", "--limit", "1", "--step-size", "4", "--warmup", "8", "--max-agents", "8", "--seed", "3", "--quiet"]
+
+
+def _actions(run):
+    recs = [json.loads(line) for line in (run / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
+    return recs, [a for r in recs if r["phase"] == "rollout" for a in r["actions"]]
+
+
+def test_decide_model_run_splits_the_header(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [*ARGS, "--model", str(DECIDE), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    sim = cfg.get("sim", cfg)
+    assert sim["decision_header"] is True and sim["meanfield"] == "stats-compact"
+    recs, acts = _actions(out)
+    assert len(acts) == 8
+    assert "转" in recs[-1]["meanfield"] and "|支" in recs[-1]["meanfield"]  # the compact label shares
+    cats = {d: set(c) for d, c in header_format("zh")["labels"].items()}
+    for a in acts:
+        assert isinstance(a["decision"], dict)
+        assert not a["decision"] or all(a["decision"][d] in cats[d] for d in cats)
+        assert not (a["sim_text"] or "").startswith("【") or a["decision"] == {}
+    assert sum(bool(a["decision"]) for a in acts) >= 6  # the model writes its header
+
+
+def test_mini_run_has_no_decision(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [*ARGS, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    _, acts = _actions(out)
+    assert acts and all("decision" not in a for a in acts)
