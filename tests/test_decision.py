@@ -11,9 +11,8 @@ from mfllm.data.load import load_events
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
-from mfllm.simulation.compact_meanfield import CompactStatsMeanField
 from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement, render_header, split_header
-from mfllm.simulation.meanfield import MeanFieldUpdate, StatsMeanField
+from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldUpdate, StatsMeanField
 
 LABELS = {"behavior_type": "comment", "stance": "oppose", "belief_degree": "doubt", "sentiment_state": "angry"}
 

@@ -3,6 +3,7 @@
 - ``stats``: a deterministic text summary (no LLM): exponentially decayed label shares of the
   actions so far (rules labeler), top keywords and a few example comments. Cheap, so a setup with a
   small model or no LLM can still run MF, and it is what mfllm-mini was trained to read.
+- ``stats-compact``: the same statistics written as label-share tokens (what a decide model reads).
 - ``llm``: the paper's summariser: an LLM writes m_t (about 200 characters, six aspects) from
   m_{t-1} and the step's pairs, through any backend (adapter "meanfield" where LoRA is loaded).
 
@@ -132,6 +133,42 @@ class StatsMeanField(MeanFieldModel):
         )
 
 
+# stats-compact: template field -> (dimension, category)
+COMPACT_FIELDS = {"share": ("behavior_type", "share"), "comment": ("behavior_type", "comment"),
+                  "support": ("stance", "support"), "oppose": ("stance", "oppose"), "neutral": ("stance", "neutral"),
+                  "believe": ("belief_degree", "believe"), "doubt": ("belief_degree", "doubt"),
+                  "counter": ("rumor", "counter"),
+                  **{e: ("sentiment_state", e) for e in DIMENSIONS["sentiment_state"]},
+                  "question": ("intent", "question"), "opinion": ("intent", "opinion")}
+
+
+class CompactStatsMeanField(StatsMeanField):
+    """The ``stats`` mean field written as label-share tokens, with the characters a decide policy writes in its
+    decision header (``prompts/<lang>/decision.json``), e.g. ``已有64人：转39评61|支50反10中40|...``. Same state
+    and update as ``stats``; a small model reads these shares better than the prose (issue 14: context gain
+    0.192 against 0.125 at the same budget)."""
+
+    name = "stats-compact"
+
+    def render(self, data: dict) -> str:
+        s = strings(self.lang)
+        if data["n"] == 0:
+            return s["empty_meanfield"]
+        share = {}
+        for dim, cats in DIMENSIONS.items():
+            counts = data["counts"].get(dim, {})
+            tot = sum(counts.values()) or 1.0
+            share[dim] = {c: _pct(counts.get(c, 0.0) / tot) for c in cats}
+        fields = {f: share[dim][cat] for f, (dim, cat) in COMPACT_FIELDS.items()}
+        q = s["quote_open"], s["quote_close"]
+        return template("stats_meanfield_compact", self.lang).format(
+            n=data["n"],
+            keywords=s["list_sep"].join(k for k, _ in Counter(data["keywords"]).most_common(self.n_keywords)) or s["none"],
+            examples="".join(f"{q[0]}{e}{q[1]}" for e in data["examples"]) or s["none"],
+            **fields,
+        )
+
+
 class LLMMeanField(MeanFieldModel):
     """The paper's summariser, through any backend. An empty summary is retried with a new seed, then fails."""
 
@@ -190,9 +227,6 @@ def make_meanfield(name: str, lang: str = "zh", backend: Backend | None = None, 
     if name == "stats":
         return StatsMeanField(lang=lang, **options)
     if name == "stats-compact":
-        # imported here: compact_meanfield subclasses StatsMeanField from this module (a cycle at the top)
-        from mfllm.simulation.compact_meanfield import CompactStatsMeanField
-
         return CompactStatsMeanField(lang=lang, **options)
     if name == "llm":
         if backend is None:

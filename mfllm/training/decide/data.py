@@ -25,10 +25,9 @@ from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
-from mfllm.simulation.compact_meanfield import CompactStatsMeanField
 from mfllm.simulation.decision import render_header
 from mfllm.simulation.history import History
-from mfllm.simulation.meanfield import MeanFieldModel, MeanFieldUpdate
+from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldModel, MeanFieldUpdate
 from mfllm.simulation.methods import METHODS, make_method
 from mfllm.simulation.steps import plan_steps
 

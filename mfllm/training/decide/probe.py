@@ -20,9 +20,8 @@ import torch
 from mfllm.data.schema import Event
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import policy_prefix, render_context, strings
-from mfllm.simulation.compact_meanfield import CompactStatsMeanField
 from mfllm.simulation.decision import HEADER_DIMS, header_format
-from mfllm.simulation.meanfield import StatsMeanField
+from mfllm.simulation.meanfield import CompactStatsMeanField, StatsMeanField
 from mfllm.training.decide.data import StepText, event_steps, pack, packed_logits, tokenize_steps
 
 CONDITIONS = ("own", "other", "empty")

@@ -30,8 +30,8 @@ from pydantic import BaseModel, Field
 
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.compact_meanfield import NAME as COMPACT_MEANFIELD
 from mfllm.simulation.decision import POLICY_FILE
+from mfllm.simulation.meanfield import CompactStatsMeanField
 from mfllm.training.decide.data import StepTokens, build_step_tokens, pack, packed_nll
 from mfllm.training.decide.probe import run_probe
 from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
@@ -193,7 +193,7 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
     model.to("cpu").half().save_pretrained(dest, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(dest)
-    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": COMPACT_MEANFIELD, "lang": cfg.lang})
+    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": CompactStatsMeanField.name, "lang": cfg.lang})
     keys = ["step", "loss", "lr", "examples", "train_seconds", "examples_per_s"]
     lines = [",".join([*keys, "probe_gain_total", "probe_gain_header"])]
     for h in history:
