@@ -56,6 +56,47 @@ def train_mini_command(
     console.print(mini_summary(info, out), highlight=False)
 
 
+@train_app.command("decide")
+def train_decide_command(
+    data: str = typer.Option(..., help="CED folder (or any loadable data); only its train split is used."),
+    out: str = typer.Option(..., help="Run folder (checkpoints in OUT/_work; resumable); the model is written to OUT."),
+    init: str = typer.Option(None, help="Weights + tokenizer to fine-tune. Default: the shipped mfllm-mini."),
+    steps: int = typer.Option(None, help="Optimizer steps (each: --rows-per-step packed event-steps of ~16 actions)."),
+    rows_per_step: int = typer.Option(None, help="Packed event-steps per optimizer step."),
+    header_weight: float = typer.Option(None, help="Loss weight of the decision-header tokens (text tokens: 1)."),
+    seed: int = typer.Option(None, help="Seed (data order, init of nothing else: weights come from --init)."),
+    threads: int = typer.Option(None, help="CPU threads for torch (default 2)."),
+    config: str = typer.Option(None, help="A JSON file with any DecideConfig fields (options override it)."),
+):
+    """Fine-tune a policy that decides, then writes: a decision header of 4 label tokens, then the action text,
+    after the exact inference prompt with the compact stats mean field (mfllm/assets/models/mfllm-decide's recipe).
+
+    Every option's default is DecideConfig's (mfllm/training/decide/train.py). Resumable: rerun the same command.
+    """
+    from pathlib import Path
+
+    from mfllm.errors import ConfigError, from_validation
+    from mfllm.training.decide.train import DecideConfig, train_decide  # torch: loaded when run
+
+    with user_errors():
+        fields: dict = {}
+        if config:
+            try:
+                fields = json.loads(Path(config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{config}: cannot read a JSON config ({e})", field="config") from None
+        given = {"init": init or fields.get("init") or str(DEFAULT_MODEL), "steps": steps,
+                 "rows_per_step": rows_per_step, "header_weight": header_weight, "seed": seed, "threads": threads}
+        fields.update({k: v for k, v in given.items() if v is not None})
+        try:
+            cfg = DecideConfig(data=data, out=out, **{k: v for k, v in fields.items() if k not in ("data", "out")})
+        except ValueError as e:
+            raise from_validation(e) from None
+        info = train_decide(cfg, log=lambda m: console.print(m, highlight=False))
+    console.print(f"[green]decide model[/] -> {out}: {info.get('steps_done')} steps, "
+                  f"{info.get('examples_seen')} examples, {info.get('train_seconds')} s", highlight=False)
+
+
 def mini_summary(info: dict, out: str) -> str:
     """What a finished `train mini` says (training_info.json holds everything)."""
     val, base = info["val"]["policy"]["nll_per_token"], info["unigram_baseline"]["nll_per_token"]

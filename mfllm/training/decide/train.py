@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from mfllm.backends.hf.loading import load_weights
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.decision import POLICY_FILE
@@ -113,7 +114,7 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
 
 def train_decide(cfg: DecideConfig, log=print) -> dict:
     # transformers is heavy: imported here so that importing the config stays cheap
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -123,10 +124,12 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
-    max_len = AutoModelForCausalLM.from_pretrained(cfg.init).config.max_position_embeddings
+    max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
     val_events = load_split(cfg.data, "val")
     probe_events = [e for e in val_events if len(e.actions) >= 64][: cfg.probe_events]
+    if len(probe_events) < 2:
+        log("no probe: the val split has fewer than 2 events of 64+ actions")
 
     def opt_factory(m):
         decay = [p for _, p in m.named_parameters() if p.dim() >= 2]
@@ -142,7 +145,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         model, opt, start, history = load_checkpoint(ckpt, AutoModelForCausalLM, opt_factory)
         log(f"resumed at step {start}")
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        model = load_weights(cfg.init, torch.float32, "cpu", field="init")  # the one loader (safetensors only)
         opt = opt_factory(model)
         start, history = 0, []
     model.train()
@@ -167,7 +170,8 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         train_s += now - t_last
         row = {"step": s + 1, "loss": round(loss.item(), 4), "lr": round(_lr(cfg, s), 6), "examples": seen,
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
-        if (s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps:
+        # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
+        if len(probe_events) >= 2 and ((s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps):
             p = run_probe(model, tokenizer, probe_events, lang=cfg.lang, conditions=("own", "other"))
             row["probe"] = {"gain_total": round(p["gain"]["other-own:total"]["mean_per_action"], 4),
                             "gain_header": round(p["gain"]["other-own:header"]["mean_per_action"], 4),
@@ -213,11 +217,11 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
 
 def export_checkpoint(cfg: DecideConfig, dest: str) -> dict:
     """Export the last checkpoint of a run (finished or not) as a model folder at `dest`."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     work = Path(cfg.out) / "_work"
     ckpt = work / "checkpoint"
-    model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32)
+    model = load_weights(ckpt / "model", torch.float32, "cpu", field="checkpoint")
     history = json.loads((ckpt / "progress.json").read_text())["history"]
     with open(work / "steps.pkl", "rb") as f:  # our own cache (train_decide wrote it)
         _, data_info = pickle.load(f)
