@@ -69,3 +69,20 @@ def test_train_decide_cli_writes_a_model_that_simulate_runs(tmp_path):
     bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "x"),
                                    "--steps", "0"])
     assert bad.exit_code == 2 and "steps" in bad.output
+
+
+def test_every_entry_point_runs_a_decide_model_the_same_way():
+    """bench fidelity and forecast/intervene build the same SimConfig from a decide model folder as simulate:
+    header on, the compact mean field unless another one (llm) was chosen; mfllm-mini changes nothing."""
+    from mfllm.bench.fidelity import FidelitySettings, parse_variant, sim_config
+    from mfllm.cli.whatif import _config
+
+    decide, mini = FidelitySettings(out="x", model=str(DECIDE)), FidelitySettings(out="x")
+    for row in ("mf", "state"):
+        cfg = sim_config(decide, parse_variant(f"r={row}"), 48)
+        assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+        assert sim_config(mini, parse_variant(f"r={row}"), 48).decision_header is False
+    assert sim_config(decide, parse_variant("r=mf-llm"), 48).meanfield == "llm"
+    cfg = _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, str(DECIDE))
+    assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+    assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, None).decision_header is False

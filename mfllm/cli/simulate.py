@@ -21,7 +21,7 @@ from mfllm.labels import make_labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
-from mfllm.simulation.decision import policy_spec
+from mfllm.simulation.decision import apply_policy
 from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 from mfllm.simulation.runner import check_out
 from mfllm.simulation.runner import resume as resume_run
@@ -184,11 +184,7 @@ def build_request(opts: dict, given: set[str], file: dict | None = None) -> SimR
     else:
         events = file.get("events")
     model = pick("model", "model")
-    policy = policy_spec(model)  # a decide model's mfllm_policy.json: it writes a header, reads its mean field
-    if policy.get("decision_header") and "decision_header" not in sim:
-        sim["decision_header"] = True
-        if "meanfield" not in given and sim.get("meanfield", "stats") == "stats" and policy.get("meanfield"):
-            sim["meanfield"] = policy["meanfield"]
+    apply_policy(model, sim, keep_meanfield="meanfield" in given)  # a decide model's mfllm_policy.json
     spec = file.get("interventions")
     return SimRequest(data=str(pick("data", "data")), events=events, sim=SimConfig(**sim), backend=str(backend),
                       model=model, backend_options=backend_options,

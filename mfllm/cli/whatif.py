@@ -20,6 +20,7 @@ from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
+from mfllm.simulation.decision import apply_policy
 from mfllm.simulation.intervention_spec import parse_spec
 
 
@@ -32,9 +33,10 @@ def _load_event(data: str, event: str | None):
     return res.events[0]
 
 
-def _config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens):
-    return SimConfig(method=method, meanfield=meanfield, step_size=step_size, lang=lang, seed=seed,
-                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+def _config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model=None):
+    sim = dict(method=method, meanfield=meanfield, step_size=step_size, lang=lang, seed=seed,
+               temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    return SimConfig(**apply_policy(model or DEFAULT_MODEL, sim))  # a decide model: header + its mean field
 
 
 # The options' defaults are SimConfig's (simulation/config.py: light, the engine is not imported for --help).
@@ -111,7 +113,7 @@ def forecast_command(
                 raise ConfigError("--observe W (real actions used as the warm-up) is required", field="observe")
         with model_bars_off() if quiet else nullcontext():
             res = forecast(ev, out, observe=observe, horizon=horizon, horizon_time=horizon_time, runs=runs,
-                           config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
+                           config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model),
                            backend_name=backend, model=model,
                            backend_options=_backend_options(backend, base_url, api, api_key_env),
                            labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
@@ -166,7 +168,7 @@ def intervene_command(
         ev = _load_event(data, event)
         with model_bars_off() if quiet else nullcontext():
             res = intervene(ev, sp, out, observe=observe, horizon=horizon, runs=runs,
-                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens),
+                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model),
                             backend_name=backend, model=model,
                             backend_options=_backend_options(backend, base_url, api, api_key_env),
                             labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,

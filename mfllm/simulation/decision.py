@@ -40,6 +40,19 @@ def policy_spec(model: str | Path | None) -> dict:
     return spec if isinstance(spec, dict) else {}
 
 
+def apply_policy(model: str | Path | None, sim: dict, *, keep_meanfield: bool = False) -> dict:
+    """The SimConfig fields (``sim``, changed in place and returned) that a decide model folder asks for: it
+    writes a decision header, and it reads the mean field it was trained on (unless ``keep_meanfield`` or a
+    non-``stats`` mean field was chosen). Every entry point (simulate, the API, bench, forecast, intervene)
+    calls this, so a decide model behaves the same everywhere; other models change nothing."""
+    policy = policy_spec(model)
+    if policy.get("decision_header") and "decision_header" not in sim:
+        sim["decision_header"] = True
+        if not keep_meanfield and sim.get("meanfield", "stats") == "stats" and policy.get("meanfield"):
+            sim["meanfield"] = policy["meanfield"]
+    return sim
+
+
 @cache
 def header_format(lang: str = "zh") -> dict:
     """``decision.json`` of `lang`: open / close markers, separator and one token string per category."""
