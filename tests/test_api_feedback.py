@@ -133,19 +133,11 @@ def test_simulate_help_lists_the_new_options():
 
 def test_intervene_bar_counts_simulated_agents_not_injected_posts(tmp_path, capsys):
     """`intervene` showed 976/960: its bar counted warm-up actions and injected posts against all actions."""
-    from mfllm.backends.base import BackendStats, Completion
+    from helpers.echo_backend import Echo
+
     from mfllm.data.load import load_events
     from mfllm.simulation.intervention_spec import build_interventions
     from mfllm.whatif.common import run_arm
-
-    class Echo:
-        name = "echo"
-
-        def __init__(self):
-            self.stats = BackendStats()
-
-        def generate(self, reqs):
-            return [Completion(f"回复{r.seed % 997}", 1, 1) for r in reqs]
 
     ev = load_events(str(SAMPLE_DATA), limit=1).events[0]
     ev.actions = ev.actions[:40]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mfllm.backends.base import BackendStats, Completion
+from helpers.echo_backend import Echo
+
 from mfllm.paths import SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
 from mfllm.simulation.intervention_spec import build_interventions
@@ -23,19 +24,6 @@ LINE = {"event_id": "e1", "step": 3, "phase": "rollout", "meanfield": "m", "mean
                      "sim_text": "辟谣", "parent": None, "followers": None, "prompt_tokens": 0,
                      "generated_tokens": 0, "injected": True}],
         "seconds": 0.25}
-
-
-class Echo:
-    name = "echo"
-
-    def __init__(self):
-        self.stats = BackendStats()
-
-    def generate(self, reqs):
-        return [Completion(f"回复{r.seed % 997}", 1, 1) for r in reqs]
-
-    def describe(self):
-        return {"backend": "echo"}
 
 
 def test_json_round_trip_is_exact():

@@ -11,6 +11,7 @@ written against the plain dicts of steps.jsonl keeps working; new code should us
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,9 @@ class _JsonMapping(Mapping):
 
     __slots__ = ()
 
+    @abstractmethod
     def _keys(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The JSON keys this record has (each record type lists its own)."""
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys():
