@@ -96,7 +96,8 @@ def forecast_command(
 
     Example: mfllm forecast --event 2093_zo3d75jHx_2157801852 --observe 48 --horizon 96 --out out/fc
     """
-    from mfllm.whatif.forecast import forecast, load_new_event  # scipy, matplotlib: loaded when run
+    from mfllm.data.new_event import load_new_event
+    from mfllm.whatif.forecast import forecast  # scipy, matplotlib: loaded when run
 
     try:
         if new_event is not None:

@@ -23,7 +23,7 @@ from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.prompts.templates import policy_prefix, policy_suffix, target_to_action
-from mfllm.seeds import derive_seed  # noqa: F401 - re-exported
+from mfllm.seeds import derive_seed
 from mfllm.simulation.config import SimConfig  # noqa: F401 - re-exported (its home is config.py)
 from mfllm.simulation.decision import split_header
 from mfllm.simulation.history import History

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mfllm.errors import ConfigError
-from mfllm.files import atomic_open, atomic_write_json, atomic_write_text, fsync_dir  # noqa: F401 - re-exported for run-directory users
+from mfllm.files import atomic_write_json
 from mfllm.store.records import ActionRecord, StepRecord  # noqa: F401 - re-exported
 
 STEPS = "steps.jsonl"

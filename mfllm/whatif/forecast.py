@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from mfllm.backends.base import Backend
-from mfllm.data.new_event import load_new_event  # noqa: F401 - re-exported: the forecast's input format
 from mfllm.data.schema import Event
 from mfllm.errors import ConfigError
 from mfllm.evaluation import distributions as D
