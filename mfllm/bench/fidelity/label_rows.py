@@ -6,8 +6,11 @@ labelled, and each row draws R crowds (replicas) of labels for the rollout's age
 
 - ``persistence-sampled``: each agent's labels are those of a random warm-up action of the event;
 - ``marginal-sampled``: those of a random training-split action;
-- ``oracle-sampled``: those of a random action of the event's own real rollout (the ceiling of any
-  sampler: it knows the rollout's label mix exactly, only not who does what when);
+- ``oracle-sampled``: those of a random real action of the *same time bin* of the event's rollout (the
+  ceiling of any sampler: it knows the real future's label mix in every bin the scorer reads, only not
+  who does what; its score is what sampling noise alone costs a perfect simulator under the rule);
+- ``oracle-mix``: those of a random action of the whole real rollout (knows the rollout's overall mix
+  but not how it moves over time: on events whose mix barely moves, smooth persistence ties it);
 - ``mf-oracle``: drawn closed loop from a label model fitted on the training split
   (:mod:`mfllm.bench.fidelity.mf_oracle`).
 
@@ -87,6 +90,20 @@ def _draw(pool: Sequence[ActionLabels], n: int, rng: np.random.Generator) -> lis
     return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
 
+def _draw_per_bin(real: Sequence[ActionLabels | None], bins: Sequence[int],
+                  rng: np.random.Generator) -> list[ActionLabels | None]:
+    """For each rollout agent, the labels of a random labelled real action of its own bin."""
+    pools: dict[int, list[ActionLabels]] = {}
+    for a, b in zip(real, bins, strict=True):
+        if a is not None:
+            pools.setdefault(b, []).append(a)
+    out: list[ActionLabels | None] = []
+    for b in bins:
+        pool = pools.get(b)
+        out.append(pool[int(rng.integers(0, len(pool)))] if pool else None)
+    return out
+
+
 def _rng(seed: int, row: str, event_id: str, k: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, row, event_id, k))
 
@@ -104,7 +121,9 @@ def crowds(sk: Skeleton, replicas: int, seed: int, train_pool: Sequence[ActionLa
     if train_pool:
         out["marginal-sampled"] = [_draw(train_pool, n, _rng(seed, "marginal-sampled", ev.event_id, k))
                                    for k in range(replicas)]
-    out["oracle-sampled"] = [_draw(real, n, _rng(seed, "oracle-sampled", ev.event_id, k)) for k in range(replicas)]
+    out["oracle-sampled"] = [_draw_per_bin(ev.real, ev.bins, _rng(seed, "oracle-sampled", ev.event_id, k))
+                             for k in range(replicas)]
+    out["oracle-mix"] = [_draw(real, n, _rng(seed, "oracle-mix", ev.event_id, k)) for k in range(replicas)]
     if model is not None:
         out["mf-oracle"] = [mf_oracle.closed_loop(model, sk.warm_steps, sk.roll_steps,
                                                   _rng(seed, "mf-oracle", ev.event_id, k), warm)

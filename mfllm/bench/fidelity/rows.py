@@ -8,7 +8,8 @@ event's mean field, from this bench's ``mf`` run), plus user variants (:func:`pa
 
 LLM-free rows (no simulation; scored by the same code): the smooth baselines ``persistence`` and
 ``marginal``, and the sampled crowds ``persistence-sampled``, ``marginal-sampled``, ``oracle-sampled``
-(the ceiling of any sampler) and ``mf-oracle`` (a label model reading the mean field's label shares);
+(the ceiling of any sampler: each bin's real actions, resampled), ``oracle-mix`` (the whole rollout's
+actions, resampled: right mix, no timing) and ``mf-oracle`` (a label model reading the mean field's label shares);
 see :mod:`mfllm.bench.fidelity.label_rows`.
 """
 
@@ -22,7 +23,8 @@ from pydantic import BaseModel
 from mfllm.errors import ConfigError
 
 BASELINES: tuple[str, ...] = ("persistence", "marginal")
-SAMPLED_ROWS: tuple[str, ...] = ("persistence-sampled", "marginal-sampled", "oracle-sampled", "mf-oracle")
+SAMPLED_ROWS: tuple[str, ...] = ("persistence-sampled", "marginal-sampled", "oracle-sampled", "oracle-mix",
+                                  "mf-oracle")
 ORACLE = "oracle-sampled"
 BASE_METHODS: tuple[str, ...] = ("mf", "state", "recent", "popular")
 DEFAULT_METHODS = "mf,state,recent,popular"
