@@ -169,13 +169,37 @@ class CompactStatsMeanField(StatsMeanField):
         )
 
 
+# Where a prompt does not fit a small model's context (mfllm-mini: 320 tokens), the replies and m_{t-1}
+# are shown shorter, step by step, per request (so batching never changes a prompt): (item_chars, previous_chars).
+SHORTER = ((ITEM_CHARS, None), (20, 160), (12, 80), (6, 40))
+
+
+def fit_meanfield_prompt(update: MeanFieldUpdate, lang: str, encode, limit: int, min_new: int) -> tuple[str, int | None]:
+    """The summariser's prompt for `update`, shortened (SHORTER) until it leaves `min_new` tokens of a `limit`-token
+    context; and the level used (0: as is), None where even the shortest does not fit (that prompt is returned).
+    No `limit` or `encode`: the full prompt. The one copy of this rule: LLMMeanField and the decide trainer's
+    summariser replay (mfllm.training.decide.data) both call it, so training sees the prompts inference builds."""
+    prompt = meanfield_prompt(update.event_text, update.previous.text, update.pairs, lang)
+    if not limit or encode is None:
+        return prompt, 0
+    room = limit - min_new
+    for level, (items, prev) in enumerate(SHORTER):
+        if level:
+            prompt = meanfield_prompt(update.event_text, update.previous.text, update.pairs, lang, items, prev)
+        if len(encode([prompt])[0]) <= room:
+            return prompt, level
+    return prompt, None  # still too long: the backend refuses it with a clear error
+
+
 class LLMMeanField(MeanFieldModel):
     """The paper's summariser, through any backend. An empty summary is retried with a new seed, then fails."""
 
     name = "llm"
+    MAX_NEW_TOKENS = 160  # default summary budget (the decide trainer caps its summariser targets at it)
+    MIN_NEW_TOKENS = 16  # room a shortened prompt leaves for the summary
 
     def __init__(self, backend: Backend, lang: str = "zh", params: SamplingParams | None = None,
-                 adapter: str | None = None, retries: int = 2, max_new_tokens: int = 160):
+                 adapter: str | None = None, retries: int = 2, max_new_tokens: int = MAX_NEW_TOKENS):
         self.backend, self.lang, self.adapter, self.retries = backend, lang, adapter, retries
         self.shortened = 0  # prompts shown with shorter replies / m_{t-1} to fit the context
         self.params = params or SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens,
@@ -184,24 +208,12 @@ class LLMMeanField(MeanFieldModel):
     def describe(self) -> dict:
         return {"name": self.name, "adapter": self.adapter, "max_new_tokens": self.params.max_new_tokens}
 
-    # Where a prompt does not fit a small model's context (mfllm-mini: 320 tokens), the replies and m_{t-1}
-    # are shown shorter, step by step, per request (so batching never changes a prompt).
-    SHORTER = ((ITEM_CHARS, None), (20, 160), (12, 80), (6, 40))
-    MIN_NEW_TOKENS = 16  # room a shortened prompt leaves for the summary
-
     def _prompt(self, u: MeanFieldUpdate) -> str:
-        limit, encode = getattr(self.backend, "max_context", 0), getattr(self.backend, "encode", None)
-        prompt = meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang)
-        if not limit or encode is None:
-            return prompt
-        room = limit - min(self.MIN_NEW_TOKENS, self.params.max_new_tokens)
-        for level, (items, prev) in enumerate(self.SHORTER):
-            if level:
-                prompt = meanfield_prompt(u.event_text, u.previous.text, u.pairs, self.lang, items, prev)
-            if len(encode([prompt])[0]) <= room:
-                self.shortened += bool(level)
-                return prompt
-        return prompt  # still too long: the backend refuses it with a clear error
+        prompt, level = fit_meanfield_prompt(u, self.lang, getattr(self.backend, "encode", None),
+                                             getattr(self.backend, "max_context", 0),
+                                             min(self.MIN_NEW_TOKENS, self.params.max_new_tokens))
+        self.shortened += bool(level)
+        return prompt
 
     def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
         prompts = [self._prompt(u) for u in updates]

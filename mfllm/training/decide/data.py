@@ -9,7 +9,13 @@ labeler) followed by the real text, as the policy writes it at inference.
 Packing: a step's agents share the prefix (instructions, event, context), so a step becomes one row
 ``prefix + agent_1 + agent_2 + ...`` whose attention mask lets each agent's segment see the prefix
 and itself only, with positions restarting after the prefix: the same loss as one row per agent
-(tests/test_decision_train.py checks it), for ~40 tokens per example instead of ~190.
+(tests/test_decision.py checks it), for ~40 tokens per example instead of ~190.
+
+Summariser replay: with `--meanfield llm` the same model writes m_t, so `meanfield_per_event` steps of
+each event (warm-up or rollout) also yield a summariser example: the prompt LLMMeanField builds for that
+update (the compact stats m_{t-1}, the step's actions, shortened to fit the context by the same
+`fit_meanfield_prompt`), the target the compact stats text after the step: the format the policy reads.
+It packs as a row of one segment with no suffix and no header (text weight 1).
 """
 
 from __future__ import annotations
@@ -25,13 +31,21 @@ from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
+from mfllm.seeds import derived_rng
 from mfllm.simulation.decision import render_header
 from mfllm.simulation.history import History
-from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldModel, MeanFieldUpdate
+from mfllm.simulation.meanfield import (
+    CompactStatsMeanField,
+    LLMMeanField,
+    MeanFieldModel,
+    MeanFieldUpdate,
+    fit_meanfield_prompt,
+)
 from mfllm.simulation.methods import METHODS, make_method
 from mfllm.simulation.steps import plan_steps
 
 TEXT_TOKENS = 48  # the engine's default max_new_tokens: text longer than this is clipped (no end token)
+SUMMARY_TOKENS = LLMMeanField.MAX_NEW_TOKENS  # the llm mean field's default budget: a longer summary is clipped
 
 
 @dataclass(slots=True)
@@ -46,14 +60,28 @@ class StepText:
     labels: list[dict[str, str]]  # the rules labels of each agent's real text
 
 
+@dataclass(slots=True)
+class SummaryText:
+    """One summariser example: the llm mean field's update at a step and the mean field's text after it."""
+
+    event_id: str
+    step: int
+    lang: str
+    update: MeanFieldUpdate  # previous = the mean field before the step; pairs = the step's (state, real action)
+    target: str
+
+
 def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: int = 48,
                 meanfield: MeanFieldModel | None = None, labeler: RulesLabeler | None = None,
                 mix: dict[str, float] | None = None, rng: random.Random | None = None,
-                meanfield_for: dict | None = None) -> Iterator[StepText]:
-    """The rollout steps of one event with teacher-forced contexts.
+                meanfield_for: dict | None = None, meanfield_per_event: int = 0,
+                seed: int = 0) -> Iterator[StepText | SummaryText]:
+    """The rollout steps of one event with teacher-forced contexts, and `meanfield_per_event` summariser examples.
 
     `mix`: method -> probability, drawn once per step (default: all `mf`). `meanfield_for`: when a dict,
     filled with step index -> the mean-field text the step read (the probe swaps these between events).
+    The summariser steps are drawn from `derived_rng(seed, ..., event id)`, not `rng`: the action rows are
+    the same with or without them.
     """
     mf_model = meanfield or CompactStatsMeanField(lang=lang)
     labeler = labeler or RulesLabeler()
@@ -63,7 +91,12 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     names, weights = list(mix), list(mix.values())
     history = History(window=max(m.history_window for m in METHODS.values()))
     mf = mf_model.initial(lang)
-    for step in plan_steps(event.actions, step_size=step_size, warmup=warmup):
+    plan = list(plan_steps(event.actions, step_size=step_size, warmup=warmup))
+    replay = set()
+    if meanfield_per_event > 0:
+        replay = set(derived_rng(seed, "decide-summaries", event.event_id).sample(
+            [st.index for st in plan], min(meanfield_per_event, len(plan))))
+    for step in plan:
         texts = [a.text for a in step.actions]
         if step.phase == "rollout":
             name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
@@ -74,7 +107,13 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
             if meanfield_for is not None:
                 meanfield_for[step.index] = mf.text
             yield StepText(event.event_id, step.index, name, prefix, agents, labs)
-        mf = mf_model.update_many([MeanFieldUpdate(event.source.text, mf, [("", t) for t in texts])])[0]
+        if step.index in replay:  # the pairs as the engine feeds the llm mean field: (state, real text)
+            update = MeanFieldUpdate(event.source.text, mf, [(agent_state_text(a.profile, lang, depth=a.depth), a.text)
+                                                             for a in step.actions])
+            mf = mf_model.update_many([update])[0]
+            yield SummaryText(event.event_id, step.index, lang, update, mf.text)
+        else:
+            mf = mf_model.update_many([MeanFieldUpdate(event.source.text, mf, [("", t) for t in texts])])[0]
         for a in step.actions:
             history.add(a.action_id, a.text, a.parent, a.profile.followers, a.time)
 
@@ -121,19 +160,57 @@ def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: 
     return out
 
 
+def summary_prompt(row: SummaryText, encode, max_len: int) -> str:
+    """The prompt LLMMeanField builds for this update on a model of `max_len` context (the one shortening rule)."""
+    min_new = min(LLMMeanField.MIN_NEW_TOKENS, SUMMARY_TOKENS)
+    return fit_meanfield_prompt(row.update, row.lang, encode, max_len, min_new)[0]
+
+
+def tokenize_summaries(tokenizer, rows: list[SummaryText], max_len: int,
+                       text_tokens: int = SUMMARY_TOKENS) -> list[StepTokens]:
+    """Summariser examples as packed steps: prefix = the prompt's ids, one segment with no suffix or header, the
+    target clipped at `text_tokens` (else + end token); one whose prompt + target does not fit `max_len` is dropped.
+    The prompt is encoded as the hf backend encodes it (special tokens included), the target without."""
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts)["input_ids"] if texts else []
+
+    prompts = encode([summary_prompt(r, encode, max_len) for r in rows])
+    targets = tokenizer([r.target for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    empty = np.zeros(0, np.int16)
+    out = []
+    for p, t in zip(prompts, targets, strict=True):
+        t = t[:text_tokens] if len(t) >= text_tokens else t + [tokenizer.eos_token_id]
+        if len(p) + len(t) <= max_len:
+            out.append(StepTokens(np.asarray(p, np.int16), [empty], [empty], [np.asarray(t, np.int16)]))
+    return out
+
+
+def is_summary(st: StepTokens) -> bool:
+    """A summariser row: one segment with no suffix (an action's suffix always holds the agent's state)."""
+    return len(st.suffixes) == 1 and len(st.suffixes[0]) == 0
+
+
 def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
-                      mix: dict[str, float] | None = None, chunk: int = 200) -> list[StepTokens]:
-    """Every rollout step of `events`, tokenized (in chunks of events, so the text never piles up)."""
+                      mix: dict[str, float] | None = None, chunk: int = 200,
+                      meanfield_per_event: int = 0) -> list[StepTokens]:
+    """Every rollout step of `events` and `meanfield_per_event` summariser rows per event, tokenized (in chunks
+    of events, so the text never piles up; per chunk the action rows, then the summariser rows)."""
     rng = random.Random(seed)
     mf_model, labeler = CompactStatsMeanField(lang=lang), RulesLabeler()
     out: list[StepTokens] = []
     buf: list[StepText] = []
+    sums: list[SummaryText] = []
     for ev in events:
-        buf.extend(event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng))
+        for row in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng,
+                               meanfield_per_event=meanfield_per_event, seed=seed):
+            (sums if isinstance(row, SummaryText) else buf).append(row)
         if len(buf) >= chunk * 8:
             out.extend(tokenize_steps(tokenizer, buf, max_len))
-            buf = []
+            out.extend(tokenize_summaries(tokenizer, sums, max_len))
+            buf, sums = [], []
     out.extend(tokenize_steps(tokenizer, buf, max_len))
+    out.extend(tokenize_summaries(tokenizer, sums, max_len))
     return out
 
 

@@ -5,7 +5,9 @@
 Data (mfllm.training.decide.data): every post-warm-up action of every TRAIN-split event, its step's
 agents packed after one shared prefix; the prompt is the exact policy prompt of the drawn method
 (mf with the compact stats mean field of the real preceding actions, or state / recent / popular, so
-the baselines get the same model); the target is ``header + text``. Nothing is fitted on val or test
+the baselines get the same model); the target is ``header + text``. With `meanfield_per_event`, some steps
+also become summariser rows (the llm mean field's prompt -> the compact stats text after the step), so the
+same model can write the mean field it reads under ``--meanfield llm``. Nothing is fitted on val or test
 events: val events only feed the probe (mfllm.training.decide.probe) in the log.
 
 Starting from the shipped mfllm-mini weights (and its tokenizer) matters: the same budget from
@@ -33,7 +35,7 @@ from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.decision import POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
-from mfllm.training.decide.data import StepTokens, build_step_tokens, pack, packed_nll
+from mfllm.training.decide.data import StepTokens, build_step_tokens, is_summary, pack, packed_nll
 from mfllm.training.decide.probe import run_probe
 from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
 
@@ -60,6 +62,8 @@ class DecideConfig(BaseModel):
     early_header_weight: float | None = Field(None, ge=0, description="header weight before early_steps")
     early_steps: int = Field(0, ge=0)
     max_train_events: int | None = None
+    meanfield_per_event: int = Field(2, ge=0, description="summariser rows per train event (the llm mean field's "
+                                     "prompt -> the compact stats text after that step); 0: actions only")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -100,10 +104,12 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
             return pickle.load(f)
     t0 = time.time()
     events = load_split(cfg.data, "train", cfg.max_train_events)
-    steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix)
+    steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
+                              meanfield_per_event=cfg.meanfield_per_event)
+    n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
-            "train_steps": len(steps), "train_examples": sum(len(s.suffixes) for s in steps),
-            "build_seconds": round(time.time() - t0, 1)}
+            "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
+            "train_summaries": n_sum, "build_seconds": round(time.time() - t0, 1)}
     log(f"data: {info}")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -160,7 +166,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         batch = pack([steps[i] for i in order[s]], header_weight=hw)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             nll = packed_nll(model, batch).float()
-        loss = (nll * batch.weight).sum() / batch.n_examples  # weighted NLL per action
+        loss = (nll * batch.weight).sum() / batch.n_examples  # weighted NLL per example (action or summary)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
