@@ -169,7 +169,7 @@ def summary_prompt(row: SummaryText, encode, max_len: int) -> str:
 def tokenize_summaries(tokenizer, rows: list[SummaryText], max_len: int,
                        text_tokens: int = SUMMARY_TOKENS) -> list[StepTokens]:
     """Summariser examples as packed steps: prefix = the prompt's ids, one segment with no suffix or header, the
-    target clipped at `text_tokens` (else + end token); one whose prompt + target does not fit `max_len` is dropped.
+    target clipped at `text_tokens` or at the context's end, as inference clips it (else + end token).
     The prompt is encoded as the hf backend encodes it (special tokens included), the target without."""
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -180,9 +180,13 @@ def tokenize_summaries(tokenizer, rows: list[SummaryText], max_len: int,
     empty = np.zeros(0, np.int16)
     out = []
     for p, t in zip(prompts, targets, strict=True):
-        t = t[:text_tokens] if len(t) >= text_tokens else t + [tokenizer.eos_token_id]
-        if len(p) + len(t) <= max_len:
-            out.append(StepTokens(np.asarray(p, np.int16), [empty], [empty], [np.asarray(t, np.int16)]))
+        # At inference the summary stops at max_new_tokens or where the context ends, whichever is first:
+        # the target is clipped the same way (a prompt that leaves no room is dropped).
+        cap = min(text_tokens, max_len - len(p))
+        if cap < 1:
+            continue
+        t = t[:cap] if len(t) >= cap else t + [tokenizer.eos_token_id]
+        out.append(StepTokens(np.asarray(p, np.int16), [empty], [empty], [np.asarray(t, np.int16)]))
     return out
 
 
