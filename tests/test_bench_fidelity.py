@@ -58,6 +58,8 @@ def test_builtin_rows_and_variants():
     assert short.meanfield_max_new_tokens == 64
     assert sim_config(FidelitySettings(out="x"), short, 48).meanfield_max_new_tokens == 64
     assert sim_config(FidelitySettings(out="x"), parse_variant("d=mf-llm"), 48).meanfield_max_new_tokens == 160
+    slow = sim_config(FidelitySettings(out="x"), parse_variant("m95=mf:decay=0.95"), 48)
+    assert slow.meanfield_decay == 0.95 and sim_config(FidelitySettings(out="x"), by["mf"], 48).meanfield_decay is None
 
 
 @pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])
@@ -68,7 +70,8 @@ def test_bad_methods_are_refused(bad):
 
 @pytest.mark.parametrize("bad", ["x", "x=", "mf=state", "x=foo", "x=state:tf=true", "x=mf:colour=red",
                                  "x=mf:mf=gpt", "x=mf:context=other", "x=mf-llm:mfmax=0", "x=mf-llm:mfmax=ten",
-                                 "x=state:mfmax=64", "x=mf:mf=stats,mfmax=64"])
+                                 "x=state:mfmax=64", "x=mf:mf=stats,mfmax=64", "x=mf:decay=1.5", "x=mf:decay=half",
+                                 "x=state:decay=0.9", "x=mf-llm:decay=0.9"])
 def test_bad_variants_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_variant(bad)

@@ -117,3 +117,16 @@ def test_llm_meanfield_shortens_a_prompt_that_does_not_fit_the_context():
     short = small.backend.prompts[0]
     assert small.shortened == 1 and len(short) + small.MIN_NEW_TOKENS <= len(roomy) - 50
     assert short.startswith(roomy[:40])  # same instruction and event; only replies / m_{t-1} are shorter
+
+
+def test_the_run_config_sets_the_stats_mean_fields_memory():
+    from mfllm.simulation.config import SimConfig
+    from mfllm.simulation.engine import Simulator
+
+    for name in ("stats", "stats-compact"):
+        assert Simulator(None, SimConfig(meanfield=name)).meanfield.decay == 0.8  # the trained-with default
+        keep = Simulator(None, SimConfig(meanfield=name, meanfield_decay=1.0)).meanfield
+        s1 = keep.update_many([MeanFieldUpdate("e", keep.initial(), [("u", "")] * 4)])[0]
+        s2 = keep.update_many([MeanFieldUpdate("e", s1, [("u", "这是谣言吗？太离谱了")] * 4)])[0]
+        # decay 1: 4 old reposts still count 4 against 4 new comments -> 50% / 50%
+        assert s2.data["counts"]["behavior_type"] == {"comment": 4.0, "share": 4.0}

@@ -110,10 +110,11 @@ class Simulator:
                  interventions: list[Intervention] | None = None):
         self.backend, self.cfg = backend, config
         self.method: Method = make_method(config.method)
-        self.meanfield = meanfield or make_meanfield(config.meanfield, lang=config.lang, backend=backend,
-                                                     **({"adapter": config.meanfield_adapter,
-                                                         "max_new_tokens": config.meanfield_max_new_tokens}
-                                                        if config.meanfield == "llm" else {}))
+        if config.meanfield == "llm":
+            mf_options: dict = {"adapter": config.meanfield_adapter, "max_new_tokens": config.meanfield_max_new_tokens}
+        else:
+            mf_options = {} if config.meanfield_decay is None else {"decay": config.meanfield_decay}
+        self.meanfield = meanfield or make_meanfield(config.meanfield, lang=config.lang, backend=backend, **mf_options)
         self.interventions = interventions or []
         self.params = config.sampling()
         self.window = HISTORY_WINDOW

@@ -43,6 +43,7 @@ class MethodSpec(BaseModel, frozen=True, extra="forbid"):
     meanfield_adapter: str | None = None
     context: Context = "own"  # mf only: own | empty (always the empty mean field) | shuffled (another event's)
     meanfield_max_new_tokens: int | None = None  # llm mean field's summary budget (None: SimConfig's default)
+    meanfield_decay: float | None = None  # stats mean fields' memory per step (None: SimConfig's default)
 
     @property
     def is_mf(self) -> bool:
@@ -67,6 +68,7 @@ _KEYS = {
     "meanfield_adapter": "meanfield_adapter", "mfa": "meanfield_adapter",
     "context": "context",
     "meanfield_max_new_tokens": "meanfield_max_new_tokens", "mfmax": "meanfield_max_new_tokens",
+    "meanfield_decay": "meanfield_decay", "decay": "meanfield_decay",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -85,6 +87,14 @@ def _value(key: str, v: str, text: str):
         if not v.isdigit() or int(v) < 1:
             raise ConfigError(f"variant {text!r}: mfmax must be a whole number >= 1", field="variant")
         return int(v)
+    if key == "meanfield_decay":
+        try:
+            d = float(v)
+        except ValueError:
+            d = -1.0
+        if not 0.0 <= d <= 1.0:
+            raise ConfigError(f"variant {text!r}: decay must be a number in [0, 1]", field="variant")
+        return d
     return v
 
 
@@ -94,7 +104,8 @@ def parse_variant(text: str) -> MethodSpec:
     BASE is a method (mf, state, recent, popular) or a built-in row (mf-llm, mf-tf, ...). Keys:
     ``meanfield``/``mf`` (stats|llm), ``teacher_forcing``/``tf`` (true|false), ``policy_adapter``/``policy``
     (adapter dir), ``meanfield_adapter``/``mfa`` (adapter dir, for meanfield=llm), ``context`` (own|empty|
-    shuffled; mf only), ``meanfield_max_new_tokens``/``mfmax`` (the llm mean field's summary budget).
+    shuffled; mf only), ``meanfield_max_new_tokens``/``mfmax`` (the llm mean field's summary budget),
+    ``meanfield_decay``/``decay`` (0..1: how much of the past counts a stats mean field keeps per step).
     Example: ``mf-ib=mf:policy=ckpt/policy,mfa=ckpt/meanfield,mf=llm,mfmax=64``.
     """
     name, sep, rest = text.partition("=")
@@ -126,6 +137,8 @@ def _check_spec(spec: MethodSpec, where: str) -> None:
         raise ConfigError(f"{where}: context / teacher forcing / meanfield=llm only apply to mf rows", field="variant")
     if spec.meanfield_max_new_tokens is not None and (not spec.is_mf or spec.meanfield == "stats"):
         raise ConfigError(f"{where}: mfmax only applies to rows with meanfield=llm", field="variant")
+    if spec.meanfield_decay is not None and (not spec.is_mf or spec.meanfield == "llm"):
+        raise ConfigError(f"{where}: decay only applies to mf rows with a stats mean field", field="variant")
 
 
 def parse_methods(methods: str, variants: Sequence[str] = ()) -> list[MethodSpec]:

@@ -62,6 +62,8 @@ def sim_config(settings: FidelitySettings, spec: MethodSpec, warmup: int) -> Sim
         kw["events_in_flight"] = settings.events_in_flight
     if spec.meanfield_max_new_tokens is not None:
         kw["meanfield_max_new_tokens"] = spec.meanfield_max_new_tokens
+    if spec.meanfield_decay is not None:
+        kw["meanfield_decay"] = spec.meanfield_decay
     if settings.backend in ("hf", "vllm"):  # a local decide model: header + the mean field it was trained on
         apply_policy(settings.model or DEFAULT_MODEL, kw)
     return SimConfig(**kw)
