@@ -178,6 +178,9 @@ def test_results_json_has_the_documented_shape(bench):
         assert e["vs_best_non_mf"]["change"] == pytest.approx((kl_mf - kl_st) / kl_st)
         kl_p = r["methods"]["persistence"]["kl"][h]
         assert e["vs_persistence"]["change"] == pytest.approx((kl_mf - kl_p) / kl_p)
+        kl_ps = r["methods"]["persistence-sampled"]["kl"][h]  # the sampled baselines mf must beat too
+        assert e["vs_persistence-sampled"]["change"] == pytest.approx((kl_mf - kl_ps) / kl_ps)
+        assert e["vs_marginal-sampled"] is None  # the sample has no training split: no such row
     assert sum(d["n_events"] for d in r["domains"].values()) == 2
     assert set(r["dimensions"]["mf"]["long"]) >= {"stance", "keywords"}
     c = r["cost"]["mf"]

@@ -37,7 +37,8 @@ def _relative_rows(rel: dict) -> list[str]:
         for h in HORIZONS:
             e = per_h[h]
             lines.append(f"| {row} | {h} | {_f(e['kl'])} | {_rel_cell(e['vs_best_non_mf'], True)} | "
-                         f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} |")
+                         f"{_rel_cell(e['vs_persistence'])} | {_rel_cell(e['vs_marginal'])} | "
+                         f"{_rel_cell(e.get('vs_persistence-sampled'))} | {_rel_cell(e.get('vs_marginal-sampled'))} |")
     return lines
 
 
@@ -113,10 +114,11 @@ def render_markdown(r: dict) -> str:
               "`(KL_mf − KL_other) / KL_other` on the mean KL over events (negative = mf better); "
               "[95% paired bootstrap interval over events]; wins = share of events where the mf row's KL is lower.",
               "", "8 label dimensions:", "",
-              "| row | horizon | KL (8 dims) | vs best non-MF | vs persistence | vs marginal |", "|---|---|---:|---|---|---|"]
+              "| row | horizon | KL (8 dims) | vs best non-MF | vs persistence | vs marginal | vs persistence-sampled | "
+              "vs marginal-sampled |", "|---|---|---:|---|---|---|---|---|"]
         L += _relative_rows(nk["relative_kl"])
-        L += ["", "9 dimensions:", "", "| row | horizon | KL | vs best non-MF | vs persistence | vs marginal |",
-              "|---|---|---:|---|---|---|"]
+        L += ["", "9 dimensions:", "", "| row | horizon | KL | vs best non-MF | vs persistence | vs marginal | "
+              "vs persistence-sampled | vs marginal-sampled |", "|---|---|---:|---|---|---|---|---|"]
         L += _relative_rows(r["relative_kl"]) + [""]
     ref = st.get("reference", "mf")
     abl = {row: per_h for row, per_h in nk["relative_kl"].items()

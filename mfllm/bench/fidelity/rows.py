@@ -26,6 +26,7 @@ BASELINES: tuple[str, ...] = ("persistence", "marginal")
 SAMPLED_ROWS: tuple[str, ...] = ("persistence-sampled", "marginal-sampled", "oracle-sampled", "oracle-mix",
                                   "mf-oracle")
 ORACLE = "oracle-sampled"
+SAMPLED_BASELINES: tuple[str, ...] = ("persistence-sampled", "marginal-sampled")  # what mf must beat (issue 14)
 BASE_METHODS: tuple[str, ...] = ("mf", "state", "recent", "popular")
 DEFAULT_METHODS = "mf,state,recent,popular"
 NO_METHODS = "none"  # --methods none: only the LLM-free rows

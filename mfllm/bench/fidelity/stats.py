@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mfllm.bench.fidelity.rows import BASELINES
+from mfllm.bench.fidelity.rows import BASELINES, SAMPLED_BASELINES
 from mfllm.evaluation.distributions import HORIZONS
 from mfllm.evaluation.metrics import summarize
 
@@ -43,7 +43,8 @@ def compare_pair(a: Sequence, b: Sequence, n_boot: int = 2000, seed: int = 0) ->
 def relative_kl(vals: dict, mf_rows: Sequence[str], non_mf_rows: Sequence[str], n_boot: int = 2000,
                 metric: str = "kl", reference: str = "mf") -> dict:
     """For every mf row and horizon: its KL against the best (lowest mean KL) non-MF row, against each
-    baseline and against every non-MF row. ``change = (KL_mf - KL_other) / KL_other`` (negative = mf better).
+    baseline (smooth: ``vs_persistence``, ``vs_marginal``; sampled: ``vs_persistence-sampled``,
+    ``vs_marginal-sampled``) and against every non-MF row. ``change = (KL_mf - KL_other) / KL_other`` (negative = mf better).
     Every mf row but ``reference`` is also compared with it (``vs_reference``; ``vs_mf`` when it is mf).
     """
     out: dict[str, dict] = {}
@@ -60,7 +61,7 @@ def relative_kl(vals: dict, mf_rows: Sequence[str], non_mf_rows: Sequence[str], 
                 entry["vs_best_non_mf"] = {"against": best, **(vs[best] or {})}
             else:
                 entry["vs_best_non_mf"] = None
-            for b in BASELINES:
+            for b in (*BASELINES, *SAMPLED_BASELINES):  # smooth and sampled baselines (absent rows: None)
                 c = compare_pair(mine, vals[b][h][metric], n_boot) if b in vals else None
                 entry[f"vs_{b}"] = {"against": b, **c} if c else None
             entry["vs"] = {o: c for o, c in vs.items() if c}
