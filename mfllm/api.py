@@ -1,7 +1,7 @@
 """The Python API: simulate, evaluate and read runs from a script or a notebook (``import mfllm``).
 
     import mfllm
-    run = mfllm.simulate("runs/demo", limit=1, max_agents=16)   # the shipped sample events and mfllm-mini
+    run = mfllm.simulate("runs/demo", limit=1, max_agents=16)   # the shipped sample events and mfllm-decide
     metrics = mfllm.evaluate(run, plots=False, report=False)
     df = mfllm.load_run(run)                                  # pandas: one row per action, with its labels
 

@@ -5,9 +5,9 @@
 Fixtures for the reliability tests (tests/test_reliability_*.py, tests/test_security.py):
 
 - ``cli``: run ``mfllm`` as a real subprocess (``cli.run(...)`` waits, ``cli.start(...)`` returns the Popen).
-- ``mini_reference``: an uninterrupted run of the shipped mfllm-mini with ``SIM_ARGS`` (made in-process,
+- ``mini_reference``: an uninterrupted run of the shipped default model with ``SIM_ARGS`` (made in-process,
   once per session): the result every interrupted-and-resumed run must equal.
-- ``mini_server``: ``mfllm serve`` of mfllm-mini in a subprocess (requires the API key ``SERVE_KEY``).
+- ``mini_server``: ``mfllm serve`` of the shipped default model in a subprocess (requires the API key ``SERVE_KEY``).
 """
 
 from __future__ import annotations
@@ -139,14 +139,12 @@ def assert_same_run(run_dir: Path, ref: dict[tuple[str, int], dict]) -> None:
 
 @pytest.fixture(scope="session")
 def mini_reference(tmp_path_factory):
-    """The uninterrupted run (library API, the CLI's code path) every resumed run must equal."""
-    from mfllm.paths import SAMPLE_DATA
-    from mfllm.simulation.engine import SimConfig
-    from mfllm.simulation.runner import simulate
+    """The uninterrupted run (library API, the CLI's code path: the default model's policy applies) every
+    resumed run must equal."""
+    import mfllm
 
     out = tmp_path_factory.mktemp("reference") / "run"
-    simulate(str(SAMPLE_DATA), str(out), limit=2,
-             config=SimConfig(step_size=2, warmup=4, max_rollout_agents=12, seed=7), progress=False)
+    mfllm.simulate(out, limit=2, step_size=2, warmup=4, max_agents=12, seed=7)
     ref = load_records(out)
     assert len(ref) == 16
     return ref
@@ -157,7 +155,7 @@ def mini_reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini_server(cli):
-    """`mfllm serve --model mfllm-mini --port 0` (default host), requiring SERVE_KEY. Yields its URL."""
+    """`mfllm serve --model DEFAULT_MODEL --port 0` (default host), requiring SERVE_KEY. Yields its URL."""
     from mfllm.paths import DEFAULT_MODEL
 
     p = cli.start("serve", "--model", DEFAULT_MODEL, "--port", "0", "--device", "cpu",

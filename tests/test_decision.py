@@ -10,7 +10,7 @@ import torch
 from mfllm.data.load import load_events
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.rules import RulesLabeler
-from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+from mfllm.paths import DEFAULT_MODEL, MINI_MODEL, SAMPLE_DATA
 from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement, render_header, split_header
 from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldUpdate, StatsMeanField
 
@@ -136,6 +136,9 @@ def test_probe_reports_gain_per_action(events):
 def test_policy_spec_reads_a_decide_model_folder(tmp_path):
     from mfllm.simulation.decision import POLICY_FILE, policy_spec
 
-    assert policy_spec(DEFAULT_MODEL) == {} and policy_spec(None) == {} and policy_spec("gpt-4o") == {}
+    assert policy_spec(MINI_MODEL) == {} and policy_spec(None) == {} and policy_spec("gpt-4o") == {}
+    # the shipped default is a decide model; served under its folder's name (mfllm serve), the name stands for it
+    assert policy_spec(DEFAULT_MODEL)["decision_header"] is True
+    assert policy_spec(DEFAULT_MODEL.name) == policy_spec(DEFAULT_MODEL) and policy_spec(MINI_MODEL.name) == {}
     (tmp_path / POLICY_FILE).write_text('{"decision_header": true, "meanfield": "stats-compact"}')
     assert policy_spec(tmp_path) == {"decision_header": True, "meanfield": "stats-compact"}

@@ -8,7 +8,7 @@ import json
 from typer.testing import CliRunner
 
 from mfllm.cli import app
-from mfllm.paths import ASSETS
+from mfllm.paths import ASSETS, DEFAULT_MODEL, MINI_MODEL
 from mfllm.simulation.decision import header_format
 
 DECIDE = ASSETS / "models" / "mfllm-decide"
@@ -40,7 +40,7 @@ def test_decide_model_run_splits_the_header(tmp_path):
 
 def test_mini_run_has_no_decision(tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, [*ARGS, "--out", str(out)])
+    res = CliRunner().invoke(app, [*ARGS, "--model", str(MINI_MODEL), "--out", str(out)])
     assert res.exit_code == 0, res.output
     _, acts = _actions(out)
     assert acts and all("decision" not in a for a in acts)
@@ -77,7 +77,7 @@ def test_every_entry_point_runs_a_decide_model_the_same_way():
     from mfllm.bench.fidelity import FidelitySettings, parse_variant, sim_config
     from mfllm.cli.whatif import _config
 
-    decide, mini = FidelitySettings(out="x", model=str(DECIDE)), FidelitySettings(out="x")
+    decide, mini = FidelitySettings(out="x", model=str(DECIDE)), FidelitySettings(out="x", model=str(MINI_MODEL))
     for row in ("mf", "state"):
         cfg = sim_config(decide, parse_variant(f"r={row}"), 48)
         assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
@@ -85,4 +85,26 @@ def test_every_entry_point_runs_a_decide_model_the_same_way():
     assert sim_config(decide, parse_variant("r=mf-llm"), 48).meanfield == "llm"
     cfg = _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, str(DECIDE))
     assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
-    assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, None).decision_header is False
+    assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, str(MINI_MODEL)).decision_header is False
+
+
+def test_no_model_option_follows_the_model_that_runs():
+    """Given no --model, a local backend runs the shipped default (a decide model), so its policy applies; a
+    server's model known by a shipped folder's name (mfllm serve) is run as that folder; any other name is not."""
+    from mfllm.bench.fidelity import FidelitySettings, parse_variant, sim_config
+    from mfllm.cli.simulate import build_request
+    from mfllm.cli.whatif import _config
+
+    assert DEFAULT_MODEL == DECIDE
+    opts = {"backend": "hf", "model": None, "meanfield": "stats", "data": "d", "events": None}
+    assert build_request(opts, set()).sim.decision_header is True
+    assert build_request({**opts, "model": str(MINI_MODEL)}, {"model"}).sim.decision_header is False
+    served = {**opts, "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}  # named: nothing is asked
+    cfg = build_request({**served, "model": DEFAULT_MODEL.name}, {"model"}).sim
+    assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+    assert build_request({**served, "model": "gpt-4o"}, {"model"}).sim.decision_header is False
+    assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, None).decision_header is True
+    assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, "gpt-4o", "openai").decision_header is False
+    assert sim_config(FidelitySettings(out="x"), parse_variant("r=mf"), 48).decision_header is True
+    remote = FidelitySettings(out="x", backend="openai", model=DEFAULT_MODEL.name)
+    assert sim_config(remote, parse_variant("r=mf"), 48).meanfield == "stats-compact"

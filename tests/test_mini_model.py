@@ -7,7 +7,7 @@ import pytest
 from mfllm.backends.base import GenerationRequest, SamplingParams
 from mfllm.data.load import load_events
 from mfllm.data.state import agent_state_text
-from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+from mfllm.paths import MINI_MODEL, SAMPLE_DATA
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix, render_context
 from mfllm.training.mini import UNIGRAM_FILE, unigram_nll
 
@@ -16,7 +16,7 @@ from mfllm.training.mini import UNIGRAM_FILE, unigram_nll
 def backend():
     from mfllm.backends.hf import HFBackend
 
-    return HFBackend(DEFAULT_MODEL)
+    return HFBackend(MINI_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def held_out():
 
 
 def test_checkpoint_is_small_and_safetensors():
-    files = {p.name: p.stat().st_size for p in DEFAULT_MODEL.iterdir()}
+    files = {p.name: p.stat().st_size for p in MINI_MODEL.iterdir()}
     assert "model.safetensors" in files and not any(n.endswith((".bin", ".pt", ".pkl")) for n in files)
     assert sum(files.values()) <= 20 * 1024 * 1024
 
@@ -52,7 +52,7 @@ def test_scores_and_beats_the_marginal_baseline_on_held_out_actions(backend, hel
     eos = backend.tokenizer.eos_token
     scored = backend.score_tokens([p for p, _ in held_out], [t + eos for _, t in held_out])
     model_nll = -sum(s for s, _ in scored)
-    counts = {int(k): v for k, v in json.loads((DEFAULT_MODEL / UNIGRAM_FILE).read_text()).items()}
+    counts = {int(k): v for k, v in json.loads((MINI_MODEL / UNIGRAM_FILE).read_text()).items()}
     tok = backend.tokenizer
     uni = sum(unigram_nll(counts, len(tok), tok(t + eos, add_special_tokens=False)["input_ids"]) for _, t in held_out)
     assert all(s < 0 for s, _ in scored)

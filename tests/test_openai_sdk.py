@@ -1,4 +1,4 @@
-"""The official `openai` SDK against a real `mfllm serve` (in a thread, on 127.0.0.1, the shipped mfllm-mini):
+"""The official `openai` SDK against a real `mfllm serve` (in a thread, on 127.0.0.1, the shipped default model):
 streaming, n>1, models.retrieve, chat templates, context overflow and OpenAI's error shape."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _stop(srv):
 @pytest.fixture(scope="module")
 def mini():
     be = HFBackend(DEFAULT_MODEL, device="cpu")
-    srv = _start(be)  # served under its directory name, mfllm-mini
+    srv = _start(be)  # served under its directory name, DEFAULT_MODEL.name
     yield be, srv
     _stop(srv)
 
@@ -53,7 +53,7 @@ def _sdk(srv, retries=0):
 
 
 def _sampled(**kw):
-    return {"model": "mfllm-mini", "max_tokens": 8, "temperature": 1.0, "seed": 11, **kw}
+    return {"model": DEFAULT_MODEL.name, "max_tokens": 8, "temperature": 1.0, "seed": 11, **kw}
 
 
 def test_streamed_completion_is_the_plain_one_in_chunks_ending_with_done(mini):
@@ -138,9 +138,9 @@ def test_n2_gives_two_seeded_choices_per_prompt(mini):
 def test_models_retrieve_and_list(mini):
     _, srv = mini
     client = _sdk(srv)
-    m = client.models.retrieve("mfllm-mini")
-    assert m.id == "mfllm-mini" and m.object == "model"
-    assert [x.id for x in client.models.list()] == ["mfllm-mini"]
+    m = client.models.retrieve(DEFAULT_MODEL.name)
+    assert m.id == DEFAULT_MODEL.name and m.object == "model"
+    assert [x.id for x in client.models.list()] == [DEFAULT_MODEL.name]
     with pytest.raises(openai.NotFoundError) as ei:
         client.models.retrieve("gpt-4o")
     assert ei.value.code == "model_not_found"
@@ -169,7 +169,7 @@ def test_context_overflow_is_400_and_nobody_retries_it(mini, monkeypatch):
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "context_length_exceeded"
     # our own openai backend: one HTTP request, then a clear error (no retries of a 4xx)
     calls.clear()
-    be = OpenAIBackend(srv.url, "mfllm-mini", retries=5, backoff_base_s=0.01)
+    be = OpenAIBackend(srv.url, DEFAULT_MODEL.name, retries=5, backoff_base_s=0.01)
     with pytest.raises(BackendError) as bi:
         be.generate([GenerationRequest(too_long, seed=1, params=SamplingParams(max_new_tokens=4))])
     assert bi.value.kind == "bad_request" and "context" in str(bi.value)
@@ -213,7 +213,7 @@ def test_error_objects_have_the_sdk_shape(mini):
         assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
         assert (err["code"], err["param"]) == (code, param), body
     with pytest.raises(openai.BadRequestError) as ei:
-        _sdk(srv).completions.create(prompt=PROMPT, model="mfllm-mini", temperature=-1)
+        _sdk(srv).completions.create(prompt=PROMPT, model=DEFAULT_MODEL.name, temperature=-1)
     assert ei.value.param == "temperature" and ei.value.code is None
 
 
@@ -285,7 +285,13 @@ def test_simulate_against_mfllm_serve_with_no_model_option(mini, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["backend"]["model"] == "mfllm-mini"
+    assert cfg["backend"]["model"] == DEFAULT_MODEL.name and cfg["model"] == DEFAULT_MODEL.name
+    # the server's model, asked for by name, is the shipped decide model: its header is split off, as in a local run
+    assert cfg["sim"]["decision_header"] is True and cfg["sim"]["meanfield"] == "stats-compact"
+    recs = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
+    acts = [a for r in recs if r["phase"] == "rollout" for a in r["actions"]]
+    assert acts and all("decision" in a for a in acts) and any(a["decision"] for a in acts)
+    assert not any((a["sim_text"] or "").startswith("【") and a["decision"] for a in acts)
 
 
 def test_serve_command_defaults_to_the_shipped_model(monkeypatch):

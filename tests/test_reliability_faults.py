@@ -6,7 +6,7 @@ connection, a server that sleeps, concurrency when healthy, key scrubbing) is no
 bodies, slow (trickled) streams, malformed usage, the concurrency bound under faults; the LLM judge
 (LLMLabeler) answering in the wrong language / format over HTTP and its cache after an outage; and the
 end-to-end run: `mfllm simulate --backend openai` through a faulting proxy in front of `mfllm serve`
-(mfllm-mini), failing after the retry budget, then resumed against the healthy endpoint: equal to the
+(the shipped default model), failing after the retry budget, then resumed against the healthy endpoint: equal to the
 local run, and no injected error text anywhere in the run directory.
 """
 
@@ -31,6 +31,7 @@ from mfllm.errors import BackendError
 from mfllm.labels.cache import CachedLabeler, LabelCache
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.llm import LLMLabeler
+from mfllm.paths import DEFAULT_MODEL
 
 MARK = "INJECTED-FAULT"  # in every injected error; must never reach a completion, action or label
 FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
@@ -327,7 +328,7 @@ def test_simulate_through_a_faulting_endpoint_then_resume_against_a_healthy_one(
     run = tmp_path / "run"
     env = cli_env(MFLLM_E2E_KEY=SERVE_KEY)  # the key is read from the variable --api-key-env names
     with proxy.srv:
-        args = ["simulate", *SIM_ARGS, "--backend", "openai", "--base-url", proxy.srv.url, "--model", "mfllm-mini",
+        args = ["simulate", *SIM_ARGS, "--backend", "openai", "--base-url", proxy.srv.url, "--model", DEFAULT_MODEL.name,
                 "--api-key-env", "MFLLM_E2E_KEY", "--out", run, "--quiet"]
         t0 = time.monotonic()
         res = cli.run(*args, env=env, timeout=300)
@@ -359,7 +360,7 @@ def test_resume_against_an_endpoint_that_moved(cli, mini_server, mini_reference,
     env = cli_env(MFLLM_E2E_KEY=SERVE_KEY)
     with proxy.srv:
         res = cli.run("simulate", *SIM_ARGS, "--backend", "openai", "--base-url", proxy.srv.url, "--model",
-                      "mfllm-mini", "--api-key-env", "MFLLM_E2E_KEY", "--retries", "1", "--timeout", "30",
+                      DEFAULT_MODEL.name, "--api-key-env", "MFLLM_E2E_KEY", "--retries", "1", "--timeout", "30",
                       "--out", run, "--quiet", env=env, timeout=300)
         assert_clean_failure(res, "after 2 attempts", code=3)
         stored = json.loads((run / "config.json").read_text())["backend_options"]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, DataError, from_validation
-from mfllm.paths import SAMPLE_DATA
+from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.engine import SimConfig
 from mfllm.simulation.intervention_spec import parse_spec
 
@@ -393,7 +393,7 @@ def test_folder_of_300_files_some_bad(cli, mini_server, tmp_path):
     # a simulation over the folder: the bad files met are skipped and reported; the run completes
     out = tmp_path / "run"
     res = cli.run("simulate", "--data", root, "--limit", "4", "--warmup", "2", "--step-size", "2",
-                  "--max-agents", "2", "--backend", "openai", "--base-url", mini_server, "--model", "mfllm-mini",
+                  "--max-agents", "2", "--backend", "openai", "--base-url", mini_server, "--model", DEFAULT_MODEL.name,
                   "--api-key-env", "MFLLM_SERVE_KEY", "--out", out, "--quiet",
                   env=cli_env(MFLLM_SERVE_KEY=SERVE_KEY), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -16,6 +16,7 @@ from conftest import SERVE_KEY, assert_clean_failure, cli_env, cli_inproc, grep_
 from helpers.fake_openai import FakeOpenAI, ok_payload
 
 from mfllm.errors import ConfigError
+from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.intervention_spec import parse_spec
 
 JUDGE_KEY = "sk-judge-PLANTED-0d9e8f7a6b"
@@ -38,7 +39,7 @@ def test_planted_keys_never_reach_the_run_directory_or_output(cli, mini_server, 
     run = tmp_path / "run"
     env = cli_env(MY_LLM_KEY=SERVE_KEY, OPENAI_API_KEY=JUDGE_KEY, HOME=str(tmp_path / "home"))
     sim = cli.run("simulate", "--limit", "1", "--step-size", "2", "--warmup", "2", "--max-agents", "4",
-                  "--backend", "openai", "--base-url", mini_server, "--model", "mfllm-mini",
+                  "--backend", "openai", "--base-url", mini_server, "--model", DEFAULT_MODEL.name,
                   "--api-key-env", "MY_LLM_KEY", "--out", run, env=env, timeout=300)
     assert sim.returncode == 0, sim.stderr
     cfg = json.loads((run / "config.json").read_text())

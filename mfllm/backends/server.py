@@ -565,7 +565,7 @@ def serve(
     model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> None:
-    """Load ``model`` (default: the shipped mfllm-mini) with HFBackend and serve it until interrupted."""
+    """Load ``model`` (default: the shipped paths.DEFAULT_MODEL) with HFBackend and serve it until interrupted."""
     from mfllm.backends.hf import HFBackend  # torch + transformers: loaded only to serve
     from mfllm.paths import DEFAULT_MODEL
 

@@ -60,7 +60,7 @@ def fidelity_command(
              "policy (adapter dir), mfa (mean-field adapter dir), context (own|empty|shuffled), mfmax (the llm "
              "mean field's summary budget). "
              "E.g. mf-ib=mf:policy=ckpt/policy. Repeatable.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model path or name. Default: the shipped mfllm-mini.")] = None,
+    model: Annotated[str | None, typer.Option(help=f"Model path or name. Default: the shipped {DEFAULT_MODEL.name}.")] = None,
     backend: Annotated[str, typer.Option(help="hf (local transformers) | openai | vllm.")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="openai backend: server URL.")] = None,
     api: Annotated[str | None, typer.Option(help="openai backend: completions | chat.")] = None,
@@ -202,7 +202,7 @@ def throughput_command(
                                              "agents each (real agents first, then resampled profiles).")]
     = "100,1000,10000,100000",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model path or name. Default: the shipped mfllm-mini.")] = None,
+    model: Annotated[str | None, typer.Option(help=f"Model path or name. Default: the shipped {DEFAULT_MODEL.name}.")] = None,
     backend: Annotated[str, typer.Option(help="hf (local transformers) | openai | vllm.")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="openai backend: server URL.")] = None,
     device: Annotated[str | None, typer.Option(help="hf backend: auto | cpu | cuda | mps.")] = None,

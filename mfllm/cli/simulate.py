@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from mfllm.backends.registry import REMOTE_BACKENDS, make_backend
 from mfllm.cli.data import loading_progress
 from mfllm.cli.errors import err, fail
 from mfllm.errors import MfllmError, from_validation
@@ -21,7 +22,7 @@ from mfllm.labels import make_labeler
 from mfllm.labels.dimensions import ALL_DIMENSIONS
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
-from mfllm.simulation.decision import apply_policy
+from mfllm.simulation.decision import apply_policy, policy_model
 from mfllm.simulation.intervention_spec import build_interventions, parse_spec
 from mfllm.simulation.runner import check_out
 from mfllm.simulation.runner import resume as resume_run
@@ -45,7 +46,8 @@ def simulate_command(
     meanfield: str = typer.Option(default("meanfield"), help=f"Mean-field model: {' | '.join(choices('meanfield'))} "
                                   "(stats: no LLM; llm: the summariser prompt)."),
     backend: str = typer.Option("hf", help="hf (local transformers) | openai (any OpenAI-compatible server) | vllm."),
-    model: str = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name})."),
+    model: str = typer.Option(None, help=f"Model path or name. Default: the shipped {DEFAULT_MODEL.name} (with --backend "
+                               "openai: the server's only model)."),
     base_url: str = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."),
     api: str = typer.Option("completions", help="openai backend: completions | chat."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key."),
@@ -81,7 +83,7 @@ def simulate_command(
 ):
     """Simulate how a population reacts to events, step by step, with the mean-field loop.
 
-    Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events, mfllm-mini, CPU)
+    Example: mfllm simulate --limit 1 --out runs/demo   (the shipped sample events and model, CPU)
     """
     loading = partial(loading_progress, quiet)
     with model_bars_off() if quiet else nullcontext():
@@ -183,13 +185,23 @@ def build_request(opts: dict, given: set[str], file: dict | None = None) -> SimR
         events = opts["events"].split(",")
     else:
         events = file.get("events")
-    model = pick("model", "model")
-    apply_policy(model, sim, keep_meanfield="meanfield" in given)  # a decide model's mfllm_policy.json
+    model = served_model(backend, pick("model", "model"), backend_options)
+    # a decide model's mfllm_policy.json (given none, the model the backend runs: the shipped default, or the server's)
+    apply_policy(policy_model(backend, model), sim, keep_meanfield="meanfield" in given)
     spec = file.get("interventions")
     return SimRequest(data=str(pick("data", "data")), events=events, sim=SimConfig(**sim), backend=str(backend),
                       model=model, backend_options=backend_options,
                       interventions=build_interventions(parse_spec(spec)) if spec else None,
                       intervention_spec=spec)
+
+
+def served_model(backend: str, model: str | None, backend_options: dict) -> str | None:
+    """The model a run names: the one given; an OpenAI-compatible server given none runs its only model, asked
+    for here (GET /models, as the backend would) so that the run records its name and follows its policy (a
+    shipped decide model served by `mfllm serve` is known by its folder's name)."""
+    if model or str(backend).strip().lower() not in REMOTE_BACKENDS:
+        return model
+    return make_backend(backend, **backend_options).model
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

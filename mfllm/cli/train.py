@@ -11,7 +11,7 @@ from rich.console import Console
 
 from mfllm.cli.data import loading_progress
 from mfllm.cli.errors import user_errors
-from mfllm.paths import DEFAULT_MODEL
+from mfllm.paths import MINI_MODEL
 
 train_app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -85,7 +85,7 @@ def train_decide_command(
                 fields = json.loads(Path(config).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{config}: cannot read a JSON config ({e})", field="config") from None
-        given = {"init": init or fields.get("init") or str(DEFAULT_MODEL), "steps": steps,
+        given = {"init": init or fields.get("init") or str(MINI_MODEL), "steps": steps,
                  "rows_per_step": rows_per_step, "header_weight": header_weight, "seed": seed, "threads": threads}
         fields.update({k: v for k, v in given.items() if v is not None})
         try:
@@ -139,7 +139,7 @@ Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 def _tune_config(**kw):
     from mfllm.training.ibtune import TuneConfig  # torch: loaded when run
 
-    kw["base"] = kw.get("base") or str(DEFAULT_MODEL)
+    kw["base"] = kw.get("base") or str(MINI_MODEL)
     kw["targets_per_unit"] = kw.pop("targets", 8)
     kw["mf_max_new_tokens"] = kw.pop("max_new_tokens", 160)
     kw["pathwise_kl"] = kw.pop("pathwise_kl", True)

@@ -15,12 +15,12 @@ from rich.console import Console
 
 from mfllm.cli.errors import err as _err
 from mfllm.cli.errors import fail
-from mfllm.cli.simulate import model_bars_off
+from mfllm.cli.simulate import model_bars_off, served_model
 from mfllm.data.load import load_events
 from mfllm.errors import ConfigError, MfllmError, from_validation
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
 from mfllm.simulation.config import SimConfig, choices, default
-from mfllm.simulation.decision import apply_policy
+from mfllm.simulation.decision import apply_policy, policy_model
 from mfllm.simulation.intervention_spec import parse_spec
 
 
@@ -33,10 +33,10 @@ def _load_event(data: str, event: str | None):
     return res.events[0]
 
 
-def _config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model=None):
+def _config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model=None, backend="hf"):
     sim = dict(method=method, meanfield=meanfield, step_size=step_size, lang=lang, seed=seed,
                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    return SimConfig(**apply_policy(model or DEFAULT_MODEL, sim))  # a decide model: header + its mean field
+    return SimConfig(**apply_policy(policy_model(backend, model), sim))  # a decide model: header + its mean field
 
 
 # The options' defaults are SimConfig's (simulation/config.py: light, the engine is not imported for --help).
@@ -51,7 +51,8 @@ def _backend_options(backend: str, base_url, api, api_key_env) -> dict:
 _METHOD = typer.Option(default("method"), help=f"Context: {' | '.join(choices('method'))} (mf = mean field).")
 _MEANFIELD = typer.Option(default("meanfield"), help=f"Mean-field model: {' | '.join(choices('meanfield'))}.")
 _BACKEND = typer.Option("hf", help="hf (local transformers) | openai (OpenAI-compatible server) | vllm.")
-_MODEL = typer.Option(None, help=f"Model path or name. Default: the shipped mfllm-mini ({DEFAULT_MODEL.name}).")
+_MODEL = typer.Option(None, help=f"Model path or name. Default: the shipped {DEFAULT_MODEL.name} (with --backend "
+                      "openai: the server's only model).")
 _BASE_URL = typer.Option(None, help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1.")
 _API = typer.Option("completions", help="openai backend: completions | chat.")
 _KEY = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the key.")
@@ -112,9 +113,11 @@ def forecast_command(
             src = data
             if observe is None:
                 raise ConfigError("--observe W (real actions used as the warm-up) is required", field="observe")
+        model = served_model(backend, model, _backend_options(backend, base_url, api, api_key_env))
         with model_bars_off() if quiet else nullcontext():
             res = forecast(ev, out, observe=observe, horizon=horizon, horizon_time=horizon_time, runs=runs,
-                           config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model),
+                           config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model,
+                                          backend),
                            backend_name=backend, model=model,
                            backend_options=_backend_options(backend, base_url, api, api_key_env),
                            labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
@@ -167,9 +170,11 @@ def intervene_command(
     try:
         sp = parse_spec(spec)  # a bad spec fails before any model is loaded
         ev = _load_event(data, event)
+        model = served_model(backend, model, _backend_options(backend, base_url, api, api_key_env))
         with model_bars_off() if quiet else nullcontext():
             res = intervene(ev, sp, out, observe=observe, horizon=horizon, runs=runs,
-                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model),
+                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model,
+                                           backend),
                             backend_name=backend, model=model,
                             backend_options=_backend_options(backend, base_url, api, api_key_env),
                             labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from mfllm.backends.registry import REMOTE_BACKENDS
+from mfllm.paths import ASSETS, DEFAULT_MODEL
 from mfllm.prompts.templates import PROMPTS_DIR, _check_lang
 
 # The dimensions a header decides, in header order.
@@ -28,11 +30,24 @@ MAX_HEADER_CHARS = 48  # a close marker further away than this is not a header's
 POLICY_FILE = "mfllm_policy.json"
 
 
+def policy_model(backend_name: str, model: str | Path | None) -> str | Path | None:
+    """The model whose POLICY_FILE a run follows: the one named; a local backend given none runs the shipped
+    DEFAULT_MODEL; a server given none runs a model unknown here (None: resolve its name first)."""
+    if model or (backend_name or "").strip().lower() in REMOTE_BACKENDS:
+        return model or None
+    return DEFAULT_MODEL
+
+
 def policy_spec(model: str | Path | None) -> dict:
-    """What a local model folder's POLICY_FILE asks of the simulator ({} for any other model)."""
+    """What a model's POLICY_FILE asks of the simulator ({} for any other model). ``model``: a local folder,
+    or a served model's name; a shipped model's folder name (``mfllm serve`` serves a folder under its name)
+    stands for that folder, so a run against a server behaves as the local run of the same model."""
     if not model:
         return {}
-    path = Path(model).expanduser() / POLICY_FILE
+    path = Path(model).expanduser()
+    if not path.is_dir() and path.name == str(model) and (ASSETS / "models" / path.name).is_dir():
+        path = ASSETS / "models" / path.name
+    path = path / POLICY_FILE
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

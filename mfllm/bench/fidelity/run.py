@@ -30,7 +30,7 @@ from mfllm.data.schema import Event
 from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.decision import apply_policy
+from mfllm.simulation.decision import apply_policy, policy_model
 from mfllm.simulation.engine import ResumePoint, SimConfig, Simulator, fold_records
 from mfllm.simulation.runner import Interrupted, StopFlag, check_config
 from mfllm.store.replicas import replica_event_id
@@ -64,8 +64,8 @@ def sim_config(settings: FidelitySettings, spec: MethodSpec, warmup: int) -> Sim
         kw["meanfield_max_new_tokens"] = spec.meanfield_max_new_tokens
     if spec.meanfield_decay is not None:
         kw["meanfield_decay"] = spec.meanfield_decay
-    if settings.backend in ("hf", "vllm"):  # a local decide model: header + the mean field it was trained on
-        apply_policy(settings.model or DEFAULT_MODEL, kw)
+    # a decide model (a local one, the shipped default, or one served under its shipped name): header + its mean field
+    apply_policy(policy_model(settings.backend, settings.model), kw)
     return SimConfig(**kw)
 
 

@@ -28,7 +28,7 @@ class FidelitySettings(BaseModel, extra="forbid"):
     events: list[str] | None = None
     methods: str = DEFAULT_METHODS
     variants: list[str] = Field(default_factory=list)
-    model: str | None = None  # None = the shipped mfllm-mini (hf)
+    model: str | None = None  # None = the shipped default model, paths.DEFAULT_MODEL (hf)
     backend: str = "hf"
     backend_options: dict = Field(default_factory=dict)  # base_url, api, device
     labeler: Literal["rules", "llm"] = "rules"

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from mfllm.backends.hf.loading import load_weights
 from mfllm.files import atomic_write_json, atomic_write_text
-from mfllm.paths import DEFAULT_MODEL
+from mfllm.paths import MINI_MODEL
 from mfllm.simulation.decision import POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
 from mfllm.training.decide.data import StepTokens, build_step_tokens, is_summary, pack, packed_nll
@@ -45,7 +45,7 @@ DEFAULT_MIX = {"mf": 0.7, "state": 0.1, "recent": 0.1, "popular": 0.1}
 class DecideConfig(BaseModel):
     data: str
     out: str
-    init: str = Field(str(DEFAULT_MODEL), description="weights + tokenizer to fine-tune")
+    init: str = Field(str(MINI_MODEL), description="weights + tokenizer to fine-tune")
     seed: int = 1234
     lang: Literal["zh", "en"] = "zh"
     mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))

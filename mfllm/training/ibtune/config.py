@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mfllm.errors import ConfigError
-from mfllm.paths import DEFAULT_MODEL
+from mfllm.paths import MINI_MODEL
 
 ROLES = ("meanfield", "policy")
 # the LLMMeanField defaults: how m_t is written at inference (chains for `previous` and stage 2)
@@ -23,7 +23,7 @@ class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: str
-    base: str = str(DEFAULT_MODEL)
+    base: str = str(MINI_MODEL)
     data: str | None = None
     seed: int = 0
     lang: Literal["zh", "en"] = "zh"
