@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.packing import unpacked_nll
 
 from mfllm.backends.base import Completion
 from mfllm.data.load import load_events
@@ -113,18 +114,6 @@ def test_summariser_target_is_the_compact_stats_next_text(events, tok):
     assert SUMMARY_TOKENS == LLMMeanField.MAX_NEW_TOKENS
     clipped = tokenize_summaries(tok, rows[:3], MAX_LEN, text_tokens=10)
     assert all(len(t.texts[0]) == 10 and t.texts[0][-1] != tok.eos_token_id for t in clipped)
-
-
-def unpacked_nll(model, toks) -> torch.Tensor:
-    """The reference: each example alone in its own row (prefix + suffix + header + text)."""
-    ref = []
-    for t in toks:
-        for su, h, x in zip(t.suffixes, t.headers, t.texts, strict=True):
-            ids = torch.tensor(np.concatenate([t.prefix, su, h, x]).astype(np.int64))[None]
-            logits = model(input_ids=ids).logits[0].float()
-            start = len(t.prefix) + len(su)
-            ref.append(torch.nn.functional.cross_entropy(logits[start - 1:-1], ids[0, start:], reduction="none"))
-    return torch.cat(ref)
 
 
 def test_packed_mix_of_actions_and_summaries_equals_unpacked(events, tok):

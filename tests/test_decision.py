@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from helpers.packing import unpacked_nll
 
 from mfllm.data.load import load_events
 from mfllm.labels.base import ActionLabels
@@ -101,14 +101,7 @@ def test_packed_loss_equals_unpacked(events):
     assert b.n_examples == sum(len(t.suffixes) for t in toks)
     with torch.no_grad():
         packed = packed_nll(model, b)
-        ref = []
-        for t in toks:
-            for su, h, x in zip(t.suffixes, t.headers, t.texts, strict=True):
-                ids = torch.tensor(np.concatenate([t.prefix, su, h, x]).astype(np.int64))[None]
-                logits = model(input_ids=ids).logits[0].float()
-                start = len(t.prefix) + len(su)
-                ref.append(torch.nn.functional.cross_entropy(logits[start - 1:-1], ids[0, start:], reduction="none"))
-    ref = torch.cat(ref)
+        ref = unpacked_nll(model, toks)
     assert packed.shape == ref.shape
     assert torch.allclose(packed, ref, atol=1e-4)
     assert float(b.weight[b.part == 0].unique()) == 2.0 and float(b.weight[b.part == 1].unique()) == 1.0

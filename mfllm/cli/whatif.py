@@ -113,13 +113,14 @@ def forecast_command(
             src = data
             if observe is None:
                 raise ConfigError("--observe W (real actions used as the warm-up) is required", field="observe")
-        model = served_model(backend, model, _backend_options(backend, base_url, api, api_key_env))
+        backend_options = _backend_options(backend, base_url, api, api_key_env)
+        model = served_model(backend, model, backend_options)
         with model_bars_off() if quiet else nullcontext():
             res = forecast(ev, out, observe=observe, horizon=horizon, horizon_time=horizon_time, runs=runs,
                            config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model,
                                           backend),
                            backend_name=backend, model=model,
-                           backend_options=_backend_options(backend, base_url, api, api_key_env),
+                           backend_options=backend_options,
                            labeler=labeler, label_cache="" if no_label_cache else label_cache, marginal=marginal,
                            bin_steps=bin_steps, blind=blind, data=src, progress=not quiet, force=force)
     except MfllmError as e:
@@ -170,13 +171,14 @@ def intervene_command(
     try:
         sp = parse_spec(spec)  # a bad spec fails before any model is loaded
         ev = _load_event(data, event)
-        model = served_model(backend, model, _backend_options(backend, base_url, api, api_key_env))
+        backend_options = _backend_options(backend, base_url, api, api_key_env)
+        model = served_model(backend, model, backend_options)
         with model_bars_off() if quiet else nullcontext():
             res = intervene(ev, sp, out, observe=observe, horizon=horizon, runs=runs,
                             config=_config(method, meanfield, step_size, lang, seed, temperature, top_p, max_new_tokens, model,
                                            backend),
                             backend_name=backend, model=model,
-                            backend_options=_backend_options(backend, base_url, api, api_key_env),
+                            backend_options=backend_options,
                             labeler=labeler, label_cache="" if no_label_cache else label_cache, bin_steps=bin_steps,
                             window=window, data=data, spec_path=str(spec), progress=not quiet, force=force)
     except MfllmError as e:
