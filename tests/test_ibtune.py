@@ -160,6 +160,31 @@ def test_state_context_is_the_state_methods(tiny_model_dir, events, tmp_path):  
     assert all(any(e.prompt.startswith(p) for p in prefixes) for e in exs)
 
 
+def test_a_decide_base_model_is_tuned_on_its_own_target_format(tiny_model_dir, events, tmp_path):  # noqa: F811
+    """The default (decide) model writes a decision header before its text: IB-Tune's targets carry the rules
+    labeler's header for it (as in its training) and none for a plain model; the flag overrides the file."""
+    from mfllm.labels.rules import RulesLabeler
+    from mfllm.paths import DEFAULT_MODEL
+    from mfllm.prompts.templates import action_to_target
+    from mfllm.simulation.decision import HEADER_DIMS, render_header, split_header
+
+    texts = [a.text for a in events[0].actions[:6]]
+    labels = RulesLabeler().label(texts)
+    decide = _cfg(tmp_path / "d", str(DEFAULT_MODEL), context="state")
+    assert decide.policy_format() == (True, "stats-compact")
+    got = ib.policy_targets(texts, decide)
+    assert got == [render_header(lab.labels) + action_to_target(t) for lab, t in zip(labels, texts, strict=True)]
+    assert [split_header(g).labels for g in got] == [{d: lab.labels[d] for d in HEADER_DIMS} for lab in labels]
+    exs = ib.build_policy_examples(events, decide, 6, random.Random(0), None)
+    assert exs and all(split_header(e.target).labels is not None for e in exs)
+
+    plain = _cfg(tmp_path / "p", tiny_model_dir, context="state")
+    assert plain.policy_format() == (False, "stats")
+    assert ib.policy_targets(texts, plain) == [action_to_target(t) for t in texts]
+    off = _cfg(tmp_path / "o", str(DEFAULT_MODEL), context="state", decision_header=False)
+    assert ib.policy_targets(texts, off) == [action_to_target(t) for t in texts]
+
+
 # ---------------------------------------------------------------- both stages, adapters, resume, CLI
 
 

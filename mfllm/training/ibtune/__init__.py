@@ -26,6 +26,7 @@ from mfllm.training.ibtune.examples import (
     build_units,
     event_steps,
     meanfield_chain,
+    policy_targets,
     sample_events,
 )
 from mfllm.training.ibtune.loop import is_done
@@ -45,6 +46,6 @@ from mfllm.training.ibtune.tokens import Sample, encode_targets, generate, seq_l
 __all__ = [
     "ROLES", "IBTunePlan", "PolicyExample", "Roles", "Sample", "TuneConfig", "Unit", "build_policy_examples",
     "build_units", "encode_examples", "encode_targets", "evaluate_meanfield", "evaluate_policy", "event_steps",
-    "generate", "ib_tune", "is_done", "meanfield_chain", "mf_policy_prompt", "prior_prompt", "replace_cfg",
+    "generate", "ib_tune", "is_done", "meanfield_chain", "mf_policy_prompt", "policy_targets", "prior_prompt", "replace_cfg",
     "sample_events", "score_reward", "seq_logprobs", "sft_step", "stage1_step", "train_meanfield", "train_policy",
 ]

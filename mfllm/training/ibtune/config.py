@@ -47,6 +47,9 @@ class TuneConfig(BaseModel):
     beta: float = Field(0.05, ge=0)
     length_penalty: float = Field(0.0, ge=0)  # lam, per token of m
     pathwise_kl: bool = True
+    # the policy's target format: None follows the base model's mfllm_policy.json (a decide model writes a
+    # decision header before its text, so its targets carry the rules labeler's header, as in its training)
+    decision_header: bool | None = None
     mf_max_new_tokens: int = Field(160, ge=1)
     targets_per_unit: int = Field(8, ge=1)  # |Y|: next-step actions scored per history
     units_per_event: int = Field(2, ge=1)
@@ -77,6 +80,15 @@ class TuneConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise _config_error(e) from None
+
+    def policy_format(self) -> tuple[bool, str]:
+        """(decision header?, the stats mean field the policy reads): what the base model's policy file asks."""
+        from mfllm.simulation.decision import policy_spec
+
+        spec = policy_spec(self.base)
+        header = bool(spec.get("decision_header")) if self.decision_header is None else self.decision_header
+        stats = spec.get("meanfield", "stats") if str(spec.get("meanfield", "")).startswith("stats") else "stats"
+        return header, stats
 
     def check(self, stage: str) -> None:
         """What only one stage requires."""

@@ -17,10 +17,12 @@ from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.errors import ConfigError
 from mfllm.files import atomic_open
+from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, meanfield_prompt, policy_prefix, policy_suffix, strings
 from mfllm.seeds import derive_seed
+from mfllm.simulation.decision import render_header
 from mfllm.simulation.history import History
-from mfllm.simulation.meanfield import MeanFieldUpdate, StatsMeanField
+from mfllm.simulation.meanfield import MeanFieldUpdate, make_meanfield
 from mfllm.simulation.methods import make_method
 from mfllm.simulation.steps import plan_steps
 from mfllm.training.ibtune.config import INFER_TEMPERATURE, INFER_TOP_P, TuneConfig
@@ -46,17 +48,29 @@ def event_steps(event: Event, lang: str, step_size: int, max_steps: int) -> Even
     return EventSteps(event.event_id, event.source.text, steps)
 
 
+def policy_targets(texts: list[str], cfg: TuneConfig) -> list[str]:
+    """What the policy writes for these real actions: ``action_to_target(text)``, after the rules labeler's
+    decision header when the base model writes one (the same target as its own training, mfllm.training.decide)."""
+    targets = [action_to_target(t, cfg.lang) for t in texts]
+    if not cfg.policy_format()[0]:
+        return targets
+    labels = RulesLabeler().label(list(texts))
+    return [render_header(lab.labels, cfg.lang) + t for lab, t in zip(labels, targets, strict=True)]
+
+
 def meanfield_chain(evs: list[EventSteps], upto: list[int], *, how: str, lang: str, roles: Roles | None = None,
-                    role: str | None = None, seed: int = 0, max_new_tokens: int = 160) -> list[list[str]]:
+                    role: str | None = None, seed: int = 0, max_new_tokens: int = 160,
+                    stats: str = "stats") -> list[list[str]]:
     """m before each step, fed the real history: chains[e][t] = m_{t-1} (chains[e][0] = the empty marker).
 
-    how="stats": the stats mean field; how="llm": the summariser (`role` of `roles`, None = the base model)
-    sampled with the inference settings, all events' step t batched together. Only steps < upto[e] are run.
+    how="stats": the stats mean field (`stats`: stats | stats-compact, the one the policy reads);
+    how="llm": the summariser (`role` of `roles`, None = the base model) sampled with the inference
+    settings, all events' step t batched together. Only steps < upto[e] are run.
     """
     init = strings(lang)["empty_meanfield"]
     chains = [[init] for _ in evs]
     if how == "stats":
-        smf = StatsMeanField(lang=lang)
+        smf = make_meanfield(stats, lang=lang)
         for e, ev in enumerate(evs):
             state = smf.initial(lang)
             for t in range(min(upto[e], len(ev.steps))):
@@ -105,7 +119,8 @@ def build_units(events: list[Event], cfg: TuneConfig, n_units: int, rng: random.
     for ev in evs:
         ts = rng.sample(range(len(ev.steps) - 1), min(cfg.units_per_event, len(ev.steps) - 1))
         picks.append(sorted(ts))
-    stats = meanfield_chain(evs, [max(ts) + 1 for ts in picks], how="stats", lang=cfg.lang)
+    stats = meanfield_chain(evs, [max(ts) + 1 for ts in picks], how="stats", lang=cfg.lang,
+                            stats=cfg.policy_format()[1])
     if cfg.previous == "stats":
         chains = stats
     else:
@@ -133,7 +148,7 @@ class PolicyExample:
     event_id: str
     step: int
     prompt: str
-    target: str  # action_to_target(text); eos is added at encoding
+    target: str  # policy_targets: action_to_target(text), after a decision header if the policy writes one; eos added at encoding
 
 
 def build_policy_examples(events: list[Event], cfg: TuneConfig, n_examples: int, rng: random.Random,
@@ -157,9 +172,10 @@ def build_policy_examples(events: list[Event], cfg: TuneConfig, n_examples: int,
     for ev, chain in zip(evs, chains, strict=True):
         for s, pairs in enumerate(ev.steps):
             prefix = policy_prefix(ev.event_text, method.context(History(), chain[s], cfg.lang), cfg.lang)
-            for state, text in rng.sample(pairs, min(cfg.agents_per_step, len(pairs))):
-                out.append(PolicyExample(ev.event_id, s, prefix + policy_suffix(state, cfg.lang),
-                                         action_to_target(text, cfg.lang)))
+            picked = rng.sample(pairs, min(cfg.agents_per_step, len(pairs)))
+            targets = policy_targets([text for _, text in picked], cfg)
+            for (state, _), target in zip(picked, targets, strict=True):
+                out.append(PolicyExample(ev.event_id, s, prefix + policy_suffix(state, cfg.lang), target))
     rng.shuffle(out)
     return out[:n_examples]
 

@@ -60,7 +60,7 @@ import torch
 from mfllm.data.schema import Event
 from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json
-from mfllm.prompts.templates import action_to_target, meanfield_prompt, policy_prefix, policy_suffix, strings
+from mfllm.prompts.templates import meanfield_prompt, policy_prefix, policy_suffix, strings
 from mfllm.seeds import derive_seed
 from mfllm.simulation.history import History
 from mfllm.simulation.methods import make_method
@@ -70,6 +70,7 @@ from mfllm.training.ibtune.examples import (
     Unit,
     build_units,
     load_json_gz,
+    policy_targets,
     save_json_gz,
     stage_events,
 )
@@ -95,7 +96,7 @@ def score_reward(roles: Roles, units: list[Unit], ms: list[list[str]], cfg: Tune
     rows: list = []
     owner: list = []
     for i, u in enumerate(units):
-        tgt = encode_targets(tok, [action_to_target(a, cfg.lang) for _, a in u.targets], roles.eos_id)
+        tgt = encode_targets(tok, policy_targets([a for _, a in u.targets], cfg), roles.eos_id)
         for k, m in enumerate(ms[i]):
             prompts = roles.encode_prompts([mf_policy_prompt(u.event_text, m, s, cfg.lang) for s, _ in u.targets])
             rows += list(zip(prompts, tgt, strict=True))
