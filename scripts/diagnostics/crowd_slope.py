@@ -1,0 +1,99 @@
+"""How much of an event's own label mix does a simulated crowd carry? (a `bench fidelity` output folder)
+
+    .venv/bin/python scripts/diagnostics/crowd_slope.py /work/bench/decide3-test50 --rows mf,mf-empty
+    .venv/bin/python scripts/diagnostics/crowd_slope.py OUT --rows mf --from 0 --to 16   # first 16 rollout agents
+
+Per label dimension (rules labeler, on the action text) and per event: w = the warm-up's real label shares,
+r = the real rollout's shares, s = a row's simulated rollout shares (its replicas pooled), g = the mean of w
+over the events. The slope sum((y - g) . (w - g)) / sum(|w - g|^2), y = r or s, says how much of the event's
+deviation from the corpus mix carries into the rollout: 1 = all of it, 0 = none (every event gets the
+corpus mix). A crowd that reads the mean field well has about the real crowd's slope. Also the mean total
+variation between s and r per event. Rollout agents [--from, --to) only (default: all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+
+import numpy as np
+
+from mfllm.labels.rules import RulesLabeler
+
+DIMS = ("rumor", "sentiment_state", "sentiment_tendency", "behavior_type", "stance", "belief_degree",
+        "subjectivity", "intent")
+
+
+def shares(labeler: RulesLabeler, texts: list[str]) -> dict[str, dict[str, float]]:
+    labs = [x.labels for x in labeler.label(texts) if x is not None]
+    out = {}
+    for d in DIMS:
+        c = collections.Counter(x[d] for x in labs)
+        n = sum(c.values()) or 1
+        out[d] = {k: v / n for k, v in c.items()}
+    return out
+
+
+def read_row(out: str, row: str, lo: int, hi: int) -> dict[str, dict[str, list[str]]]:
+    """event id -> warm (real), roll (real, replica 0), sim (all replicas) texts."""
+    per: dict = collections.defaultdict(lambda: {"warm": [], "roll": [], "sim": [], "seen": collections.Counter()})
+    for path in sorted(glob.glob(f"{out}/runs/{row}/r*/steps.jsonl")):
+        first = path.split("/")[-2] == "r0"
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                ev = per[rec["event_id"].split("#")[0]]  # replica K's events are "<id>#rK"
+                for a in rec["actions"]:
+                    if rec["phase"] == "warmup":
+                        if first:
+                            ev["warm"].append(a["real_text"])
+                        continue
+                    i = ev["seen"][path]
+                    ev["seen"][path] += 1
+                    if lo <= i < hi:
+                        if first:
+                            ev["roll"].append(a["real_text"])
+                        ev["sim"].append(a["sim_text"] or "")
+    return per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="a bench fidelity output folder")
+    ap.add_argument("--rows", default="mf", help="comma-separated LLM rows")
+    ap.add_argument("--from", dest="lo", type=int, default=0)
+    ap.add_argument("--to", dest="hi", type=int, default=10**9)
+    a = ap.parse_args()
+    rows = a.rows.split(",")
+    lab = RulesLabeler()
+    data = {r: read_row(a.out, r, a.lo, a.hi) for r in rows}
+    events = sorted(data[rows[0]])
+    base = data[rows[0]]
+    W = {e: shares(lab, base[e]["warm"]) for e in events}
+    R = {e: shares(lab, base[e]["roll"]) for e in events}
+    S = {r: {e: shares(lab, data[r][e]["sim"]) for e in events} for r in rows}
+    print(f"{len(events)} events, rollout agents [{a.lo}, {a.hi if a.hi < 10**9 else 'end'})")
+    print("dimension".ljust(20), "real".rjust(6), *(r.rjust(12) for r in rows), " | TV to real:", *(r.rjust(12) for r in rows))
+    for d in DIMS:
+        cats = sorted({k for e in events for k in (*W[e][d], *R[e][d])})
+
+        def mat(sh_by_event: dict, d=d, cats=cats) -> np.ndarray:  # events x categories
+            return np.array([[sh_by_event[e][d].get(k, 0.0) for k in cats] for e in events])
+
+        w_abs, r_abs = mat(W), mat(R)
+        g = w_abs.mean(axis=0)
+        w = w_abs - g
+
+        def slope(y: np.ndarray, w=w) -> float:
+            return float((y * w).sum() / max((w * w).sum(), 1e-12))
+
+        real = slope(r_abs - g)
+        sims = [slope(mat(S[r]) - g) for r in rows]
+        tvs = [float((0.5 * np.abs(mat(S[r]) - r_abs).sum(axis=1)).mean()) for r in rows]
+        print(d.ljust(20), f"{real:6.2f}", *(f"{x:12.2f}" for x in sims), " |            ", *(f"{x:12.3f}" for x in tvs))
+
+
+if __name__ == "__main__":
+    main()
