@@ -135,3 +135,21 @@ def test_policy_spec_reads_a_decide_model_folder(tmp_path):
     assert policy_spec(DEFAULT_MODEL.name) == policy_spec(DEFAULT_MODEL) and policy_spec(MINI_MODEL.name) == {}
     (tmp_path / POLICY_FILE).write_text('{"decision_header": true, "meanfield": "stats-compact"}')
     assert policy_spec(tmp_path) == {"decision_header": True, "meanfield": "stats-compact"}
+
+
+def test_apply_policy_sets_what_the_model_file_asks_unless_the_user_chose(tmp_path):
+    from mfllm.simulation.decision import POLICY_FILE, apply_policy
+
+    (tmp_path / POLICY_FILE).write_text('{"decision_header": true, "meanfield": "stats-compact", "meanfield_decay": 1}')
+    assert apply_policy(tmp_path, {}) == {"decision_header": True, "meanfield": "stats-compact", "meanfield_decay": 1.0}
+    assert apply_policy(tmp_path, {"meanfield_decay": 0.5})["meanfield_decay"] == 0.5  # the user's choice wins
+    assert apply_policy(tmp_path, {"meanfield": "llm"}) == {"meanfield": "llm", "decision_header": True}
+    assert apply_policy(tmp_path, {}, keep_meanfield=True) == {"decision_header": True}
+    assert apply_policy(tmp_path, {"decision_header": False}) == {"decision_header": False}
+    assert apply_policy(MINI_MODEL, {}) == {}
+    # the engine builds the stats mean field with that memory
+    from mfllm.simulation.engine import SimConfig, Simulator
+
+    sim = Simulator(None, SimConfig(**apply_policy(tmp_path, {})))
+    assert sim.meanfield.decay == 1.0
+    assert Simulator(None, SimConfig(**apply_policy(MINI_MODEL, {}))).meanfield.decay == 0.8

@@ -53,19 +53,22 @@ def test_train_decide_cli_writes_a_model_that_simulate_runs(tmp_path):
 
     fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
     cfg = tmp_path / "decide.json"
-    cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 1, "warmup_steps": 1}))
+    cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 1, "warmup_steps": 1,
+                               "meanfield_decay": 1.0}))
     model = tmp_path / "model"
     res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(model), "--steps", "2",
                                    "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     info = json.loads((model / "training_info.json").read_text(encoding="utf-8"))
     assert info["steps_done"] == 2 and info["examples_seen"] > 0
-    assert json.loads((model / "mfllm_policy.json").read_text(encoding="utf-8"))["decision_header"] is True
+    policy = json.loads((model / "mfllm_policy.json").read_text(encoding="utf-8"))
+    assert policy["decision_header"] is True and policy["meanfield_decay"] == 1.0  # what it was trained to read
     out = tmp_path / "run"
     res = CliRunner().invoke(app, [*ARGS, "--model", str(model), "--out", str(out)])
     assert res.exit_code == 0, res.output
     _, acts = _actions(out)
     assert len(acts) == 8 and all("decision" in a for a in acts)
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["sim"]["meanfield_decay"] == 1.0
     bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "x"),
                                    "--steps", "0"])
     assert bad.exit_code == 2 and "steps" in bad.output

@@ -57,14 +57,17 @@ def policy_spec(model: str | Path | None) -> dict:
 
 def apply_policy(model: str | Path | None, sim: dict, *, keep_meanfield: bool = False) -> dict:
     """The SimConfig fields (``sim``, changed in place and returned) that a decide model folder asks for: it
-    writes a decision header, and it reads the mean field it was trained on (unless ``keep_meanfield`` or a
-    non-``stats`` mean field was chosen). Every entry point (simulate, the API, bench, forecast, intervene)
+    writes a decision header, and it reads the mean field it was trained on, with the memory (decay) its file
+    names (unless ``keep_meanfield`` or a non-``stats`` mean field was chosen). Every entry point (simulate, the API, bench, forecast, intervene)
     calls this, so a decide model behaves the same everywhere; other models change nothing."""
     policy = policy_spec(model)
     if policy.get("decision_header") and "decision_header" not in sim:
         sim["decision_header"] = True
         if not keep_meanfield and sim.get("meanfield", "stats") == "stats" and policy.get("meanfield"):
             sim["meanfield"] = policy["meanfield"]
+            # the memory of that mean field the model is run with (an explicit --meanfield-decay wins)
+            if policy.get("meanfield_decay") is not None and sim.get("meanfield_decay") is None:
+                sim["meanfield_decay"] = float(policy["meanfield_decay"])
     return sim
 
 

@@ -21,6 +21,7 @@ import torch
 
 from mfllm.data.load import load_events
 from mfllm.paths import DEFAULT_MODEL
+from mfllm.simulation.decision import policy_spec
 from mfllm.training.decide.probe import run_probe
 
 
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=100, help="first N events with >= 64 actions")
     ap.add_argument("--max-agents", type=int, default=64, help="rollout agents per event")
     ap.add_argument("--plain", action="store_true", help="no decision header; the default stats mean field")
+    ap.add_argument("--decay", type=float, default=None,
+                    help="the stats mean field's memory (default: the model's mfllm_policy.json, else 0.8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the JSON here")
     a = ap.parse_args()
@@ -43,7 +46,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     evs = [e for e in load_events(a.data, split=a.split).events if len(e.actions) >= 64][: a.events]
     t0 = time.time()
-    out = run_probe(model, tok, evs, header=not a.plain, compact=not a.plain, max_agents=a.max_agents)
+    decay = a.decay if a.decay is not None else policy_spec(a.model).get("meanfield_decay", 0.8)
+    out = run_probe(model, tok, evs, header=not a.plain, compact=not a.plain, max_agents=a.max_agents, decay=decay)
     out |= {"model": a.model, "split": a.split, "seconds": round(time.time() - t0, 1)}
     text = json.dumps(out, indent=1, ensure_ascii=False)
     print(text)

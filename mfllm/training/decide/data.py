@@ -197,11 +197,11 @@ def is_summary(st: StepTokens) -> bool:
 
 def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
                       mix: dict[str, float] | None = None, chunk: int = 200,
-                      meanfield_per_event: int = 0) -> list[StepTokens]:
+                      meanfield_per_event: int = 0, decay: float = 0.8) -> list[StepTokens]:
     """Every rollout step of `events` and `meanfield_per_event` summariser rows per event, tokenized (in chunks
     of events, so the text never piles up; per chunk the action rows, then the summariser rows)."""
     rng = random.Random(seed)
-    mf_model, labeler = CompactStatsMeanField(lang=lang), RulesLabeler()
+    mf_model, labeler = CompactStatsMeanField(lang=lang, decay=decay), RulesLabeler()
     out: list[StepTokens] = []
     buf: list[StepText] = []
     sums: list[SummaryText] = []

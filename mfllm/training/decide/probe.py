@@ -28,9 +28,9 @@ CONDITIONS = ("own", "other", "empty")
 
 
 def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
-                max_agents: int = 64) -> tuple[list[StepText], dict[str, dict[str, str]]]:
+                max_agents: int = 64, decay: float = 0.8) -> tuple[list[StepText], dict[str, dict[str, str]]]:
     """The first `max_agents` rollout agents of each event, with the mean field each step read."""
-    mf_model = CompactStatsMeanField(lang=lang) if compact else StatsMeanField(lang=lang)
+    mf_model = CompactStatsMeanField(lang=lang, decay=decay) if compact else StatsMeanField(lang=lang, decay=decay)
     labeler = RulesLabeler()
     steps, reads = [], {}
     for ev in events:
@@ -79,12 +79,12 @@ def _label_token_ids(tokenizer, lang: str) -> list[dict[str, int]] | None:
 @torch.no_grad()
 def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
               max_agents: int = 64, rows_per_batch: int = 4, conditions: tuple[str, ...] = CONDITIONS,
-              seed: int = 0) -> dict:
+              seed: int = 0, decay: float = 0.8) -> dict:
     """The probe's numbers (see the module docstring). `events`: val events, at least 2."""
     was_training = model.training
     model.eval()
     evmap = {e.event_id: e for e in events}
-    steps, reads = probe_steps(events, lang=lang, header=header, compact=compact, max_agents=max_agents)
+    steps, reads = probe_steps(events, lang=lang, header=header, compact=compact, max_agents=max_agents, decay=decay)
     ids = [e.event_id for e in events if reads.get(e.event_id)]
     order = ids[:]
     random.Random(seed).shuffle(order)
@@ -108,7 +108,7 @@ def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header
             if slot_ids is not None:
                 hits += _slot_hits(logits, b, slot_ids, header_format(lang))
         res[cond] = {"header": np.array(hdr), "text": np.array(txt), "hits": hits}
-    out: dict = {"events": len(ids), "actions": len(ev_of), "header": header, "compact_meanfield": compact,
+    out: dict = {"events": len(ids), "actions": len(ev_of), "header": header, "compact_meanfield": compact, "decay": decay,
                  "nll_per_action": {}, "gain": {}}
     for cond, r in res.items():
         out["nll_per_action"][cond] = {"total": float((r["header"] + r["text"]).mean()),

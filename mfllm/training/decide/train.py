@@ -64,6 +64,8 @@ class DecideConfig(BaseModel):
     max_train_events: int | None = None
     meanfield_per_event: int = Field(2, ge=0, description="summariser rows per train event (the llm mean field's "
                                      "prompt -> the compact stats text after that step); 0: actions only")
+    meanfield_decay: float = Field(0.8, ge=0, le=1, description="the compact stats mean field's memory (weight each "
+                                   "step keeps of the past counts), in training and in the model's policy file")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -105,7 +107,7 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
     t0 = time.time()
     events = load_split(cfg.data, "train", cfg.max_train_events)
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
-                              meanfield_per_event=cfg.meanfield_per_event)
+                              meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay)
     n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
             "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
@@ -178,7 +180,8 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
         if len(probe_events) >= 2 and ((s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps):
-            p = run_probe(model, tokenizer, probe_events, lang=cfg.lang, conditions=("own", "other"))
+            p = run_probe(model, tokenizer, probe_events, lang=cfg.lang, conditions=("own", "other"),
+                          decay=cfg.meanfield_decay)
             row["probe"] = {"gain_total": round(p["gain"]["other-own:total"]["mean_per_action"], 4),
                             "gain_header": round(p["gain"]["other-own:header"]["mean_per_action"], 4),
                             "nll_own": round(p["nll_per_action"]["own"]["total"], 4),
@@ -203,7 +206,8 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
     model.to("cpu").half().save_pretrained(dest, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(dest)
-    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": CompactStatsMeanField.name, "lang": cfg.lang})
+    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": CompactStatsMeanField.name,
+                                           "meanfield_decay": cfg.meanfield_decay, "lang": cfg.lang})
     keys = ["step", "loss", "lr", "examples", "train_seconds", "examples_per_s"]
     lines = [",".join([*keys, "probe_gain_total", "probe_gain_header"])]
     for h in history:
