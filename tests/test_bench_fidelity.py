@@ -35,7 +35,7 @@ from mfllm.evaluation import distributions as D
 from mfllm.evaluation.metrics import FAIR, PAPER
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.dimensions import DIMENSIONS
-from mfllm.paths import SAMPLE_DATA
+from mfllm.paths import MINI_MODEL, SAMPLE_DATA
 from mfllm.store.replicas import base_event_id
 from mfllm.store.run import read_steps
 
@@ -59,7 +59,11 @@ def test_builtin_rows_and_variants():
     assert sim_config(FidelitySettings(out="x"), short, 48).meanfield_max_new_tokens == 64
     assert sim_config(FidelitySettings(out="x"), parse_variant("d=mf-llm"), 48).meanfield_max_new_tokens == 160
     slow = sim_config(FidelitySettings(out="x"), parse_variant("m95=mf:decay=0.95"), 48)
-    assert slow.meanfield_decay == 0.95 and sim_config(FidelitySettings(out="x"), by["mf"], 48).meanfield_decay is None
+    assert slow.meanfield_decay == 0.95
+    # no decay given: the model's policy file decides (the shipped default: 1, never forget the warm-up); mini: 0.8
+    assert sim_config(FidelitySettings(out="x"), by["mf"], 48).meanfield_decay == 1.0
+    assert sim_config(FidelitySettings(out="x", model=str(MINI_MODEL)), by["mf"], 48).meanfield_decay is None
+    assert sim_config(FidelitySettings(out="x"), by["state"], 48).meanfield_decay is None
 
 
 @pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])

@@ -143,6 +143,7 @@ def test_apply_policy_sets_what_the_model_file_asks_unless_the_user_chose(tmp_pa
     (tmp_path / POLICY_FILE).write_text('{"decision_header": true, "meanfield": "stats-compact", "meanfield_decay": 1}')
     assert apply_policy(tmp_path, {}) == {"decision_header": True, "meanfield": "stats-compact", "meanfield_decay": 1.0}
     assert apply_policy(tmp_path, {"meanfield_decay": 0.5})["meanfield_decay"] == 0.5  # the user's choice wins
+    assert "meanfield_decay" not in apply_policy(tmp_path, {"method": "state"})  # a method that does not read it
     assert apply_policy(tmp_path, {"meanfield": "llm"}) == {"meanfield": "llm", "decision_header": True}
     assert apply_policy(tmp_path, {}, keep_meanfield=True) == {"decision_header": True}
     assert apply_policy(tmp_path, {"decision_header": False}) == {"decision_header": False}

@@ -101,6 +101,10 @@ def test_no_model_option_follows_the_model_that_runs():
     assert DEFAULT_MODEL == DECIDE
     opts = {"backend": "hf", "model": None, "meanfield": "stats", "data": "d", "events": None}
     assert build_request(opts, set()).sim.decision_header is True
+    # the mean field's memory: the policy file's (1) unless --meanfield-decay is given; mini's stays the default
+    assert build_request({**opts, "meanfield_decay": None}, set()).sim.meanfield_decay == 1.0
+    assert build_request({**opts, "meanfield_decay": 0.9}, {"meanfield_decay"}).sim.meanfield_decay == 0.9
+    assert build_request({**opts, "model": str(MINI_MODEL)}, {"model"}).sim.meanfield_decay is None
     assert build_request({**opts, "model": str(MINI_MODEL)}, {"model"}).sim.decision_header is False
     served = {**opts, "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}  # named: nothing is asked
     cfg = build_request({**served, "model": DEFAULT_MODEL.name}, {"model"}).sim

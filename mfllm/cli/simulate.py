@@ -67,6 +67,9 @@ def simulate_command(
     max_new_tokens: int = typer.Option(default("max_new_tokens"), help="Most tokens one agent's action may take."),
     meanfield_max_new_tokens: int = typer.Option(default("meanfield_max_new_tokens"),
                                                  help="--meanfield llm: most tokens of one summary m_t."),
+    meanfield_decay: float = typer.Option(None, help="Stats mean fields: the weight each step keeps of the past "
+                                          "counts (1 = never forget the warm-up). Default: what the model's "
+                                          "mfllm_policy.json names (1 for mfllm-decide), else 0.8."),
     policy_adapter: Path = typer.Option(None, help="hf/vllm: a LoRA adapter dir for the policy "
                                         "(from `mfllm train policy` / `ib-tune`)."),
     meanfield_adapter: Path = typer.Option(None, help="hf/vllm with --meanfield llm: a LoRA adapter dir for "
@@ -121,7 +124,8 @@ def simulate_command(
 SIM_OPTIONS = {"method": "method", "meanfield": "meanfield", "step_size": "step_size", "warmup": "warmup",
                "time_window": "time_window", "lang": "lang", "seed": "seed", "temperature": "temperature",
                "top_p": "top_p", "max_new_tokens": "max_new_tokens",
-               "meanfield_max_new_tokens": "meanfield_max_new_tokens", "teacher_forcing": "teacher_forcing",
+               "meanfield_max_new_tokens": "meanfield_max_new_tokens", "meanfield_decay": "meanfield_decay",
+               "teacher_forcing": "teacher_forcing",
                "max_agents": "max_rollout_agents"}
 HF_OPTIONS = ("device", "dtype", "batch_size")
 OPENAI_OPTIONS = {"base_url": "base_url", "api": "api", "api_key_env": "api_key_env"}

@@ -39,8 +39,9 @@ class SimConfig(BaseModel):
     max_new_tokens: int = Field(48, ge=1)
     meanfield_max_new_tokens: int = Field(160, ge=1, description="most tokens of one llm mean-field summary")
     meanfield_decay: float | None = Field(None, ge=0, le=1, description="stats mean fields: the weight each step "
-                                          "keeps of the past counts (None: 0.8, what the shipped models read in "
-                                          "training; 1 = never forget the warm-up)")
+                                          "keeps of the past counts (None: what the model's mfllm_policy.json "
+                                          "names, 1 for the shipped mfllm-decide; else 0.8, what the shipped models "
+                                          "read in training; 1 = never forget the warm-up)")
     teacher_forcing: bool = Field(False, description="ablation: mean field fed real actions in rollout")
     max_rollout_agents: int | None = Field(None, ge=0, description="simulate at most this many agents per event")
     policy_adapter: str | None = None

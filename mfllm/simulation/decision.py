@@ -65,8 +65,10 @@ def apply_policy(model: str | Path | None, sim: dict, *, keep_meanfield: bool = 
         sim["decision_header"] = True
         if not keep_meanfield and sim.get("meanfield", "stats") == "stats" and policy.get("meanfield"):
             sim["meanfield"] = policy["meanfield"]
-            # the memory of that mean field the model is run with (an explicit --meanfield-decay wins)
-            if policy.get("meanfield_decay") is not None and sim.get("meanfield_decay") is None:
+            # the memory of that mean field the model is run with, where a method reads it (an explicit
+            # --meanfield-decay / meanfield_decay wins; the other methods' runs stay as they were)
+            if (policy.get("meanfield_decay") is not None and sim.get("meanfield_decay") is None
+                    and sim.get("method", "mf") == "mf"):
                 sim["meanfield_decay"] = float(policy["meanfield_decay"])
     return sim
 
