@@ -185,6 +185,27 @@ def test_a_decide_base_model_is_tuned_on_its_own_target_format(tiny_model_dir, e
     assert ib.policy_targets(texts, off) == [action_to_target(t) for t in texts]
 
 
+def test_first_step_skips_each_events_first_steps(tiny_model_dir, events, tmp_path):  # noqa: F811
+    """--first-step: stage 1's histories and stage 2's examples start at that step (the rollout's phase), while
+    the mean-field chain is still fed the real history from the event's start."""
+    from mfllm.prompts.templates import policy_prefix, render_context
+
+    cfg = _cfg(tmp_path, tiny_model_dir, context="state", first_step=1, max_steps=2)
+    exs = ib.build_policy_examples(events, cfg, 50, random.Random(0), None)
+    assert exs and {e.step for e in exs} == {1, 2}
+    assert all(any(e.prompt.startswith(policy_prefix(ev.source.text, render_context("state", "zh"))) for ev in events)
+               for e in exs)
+    roles = ib.Roles(tiny_model_dir, "cpu")
+    units = ib.build_units(events, _cfg(tmp_path / "u", tiny_model_dir, first_step=1, max_steps=1,
+                                        previous="stats"), 6, random.Random(0), roles)
+    assert units and {u.step for u in units} == {1}
+    from mfllm.prompts.templates import strings
+
+    assert all(u.previous != strings("zh")["empty_meanfield"] for u in units)  # m_{t-1} was fed step 0
+    with pytest.raises(ConfigError, match="first_step"):
+        _cfg(tmp_path, tiny_model_dir, first_step=-1)
+
+
 # ---------------------------------------------------------------- both stages, adapters, resume, CLI
 
 

@@ -124,7 +124,9 @@ LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / rank).
 Full = Annotated[bool, typer.Option(help="Full fine-tuning instead of LoRA (writes a whole model folder).")]
 MaxNew = Annotated[int, typer.Option(help=_MAX_NEW_HELP)]
 StepSize = Annotated[int, typer.Option(help=_STEP_HELP)]
-MaxSteps = Annotated[int, typer.Option(help="Use each event's first steps only.")]
+MaxSteps = Annotated[int, typer.Option(help="Steps used per event (from --first-step on).")]
+FirstStep = Annotated[int, typer.Option(help="Skip each event's first steps: 6 at step size 8 trains on what follows "
+                                             "a 48-action warm-up, as the rollout does (default 0: from the start).")]
 MaxEvents = Annotated[int, typer.Option(help="Use at most this many training events.")]
 ValEvents = Annotated[int, typer.Option(help="Validation events (val split).")]
 Split = Annotated[str, typer.Option(help=_SPLIT_HELP)]
@@ -185,6 +187,7 @@ def train_meanfield_command(
     max_new_tokens: MaxNew = 64,
     step_size: StepSize = 8,
     max_steps: MaxSteps = 8,
+    first_step: FirstStep = 0,
     max_events: MaxEvents = None,
     val_events: ValEvents = 16,
     split: Split = "train",
@@ -228,6 +231,7 @@ def train_policy_command(
     max_new_tokens: MaxNew = 64,
     step_size: StepSize = 8,
     max_steps: MaxSteps = 8,
+    first_step: FirstStep = 0,
     max_events: MaxEvents = None,
     val_events: ValEvents = 16,
     split: Split = "train",
@@ -278,6 +282,7 @@ def train_ibtune_command(
     max_new_tokens: MaxNew = 64,
     step_size: StepSize = 8,
     max_steps: MaxSteps = 8,
+    first_step: FirstStep = 0,
     max_events: MaxEvents = None,
     val_events: ValEvents = 16,
     split: Split = "train",
@@ -297,9 +302,9 @@ def train_ibtune_command(
     from mfllm.training.ibtune import IBTunePlan, ib_tune  # torch: loaded when run
 
     common = dict(data=data, base=base, lora_rank=lora_rank, lora_alpha=lora_alpha, full=full,
-                  max_new_tokens=max_new_tokens, step_size=step_size, max_steps=max_steps, max_events=max_events,
-                  val_events=val_events, split=split, val_split=val_split, seed=seed, device=device, dtype=dtype,
-                  threads=threads)
+                  max_new_tokens=max_new_tokens, step_size=step_size, max_steps=max_steps, first_step=first_step,
+                  max_events=max_events, val_events=val_events, split=split, val_split=val_split, seed=seed,
+                  device=device, dtype=dtype, threads=threads)
     with user_errors():
         s1 = _tune_config(out=str(out), beta=beta, length_penalty=length_penalty, lr=lr, steps=steps,
                           batch_size=batch_size, samples_k=samples_k, targets=targets, previous=previous,

@@ -61,7 +61,8 @@ class TuneConfig(BaseModel):
     agents_per_step: int = Field(4, ge=1)
     # data
     step_size: int = Field(16, ge=1)
-    max_steps: int = Field(8, ge=1)  # only an event's first steps are used (the warm-up and early rollout)
+    max_steps: int = Field(8, ge=1)  # steps used per event: [first_step, first_step + max_steps)
+    first_step: int = Field(0, ge=0)  # skip an event's first steps (6 at step size 8: after a 48-action warm-up)
     max_events: int | None = Field(None, ge=1)
     split: str = "train"
     val_split: str = "val"

@@ -111,13 +111,14 @@ def build_units(events: list[Event], cfg: TuneConfig, n_units: int, rng: random.
 
     A history whose prompt + `mf_max_new_tokens` exceeds the model's context is left out (the HF backend
     refuses such a request at inference); `info["dropped_too_long"]` counts them."""
-    evs = [event_steps(e, cfg.lang, cfg.step_size, cfg.max_steps + 1) for e in events]
-    evs = [e for e in evs if len(e.steps) >= 2]
+    first = cfg.first_step
+    evs = [event_steps(e, cfg.lang, cfg.step_size, first + cfg.max_steps + 1) for e in events]
+    evs = [e for e in evs if len(e.steps) >= first + 2]
     rng.shuffle(evs)
     evs = evs[: max(1, math.ceil(1.5 * n_units / max(1, cfg.units_per_event)))]  # margin for dropped ones
     picks = []
     for ev in evs:
-        ts = rng.sample(range(len(ev.steps) - 1), min(cfg.units_per_event, len(ev.steps) - 1))
+        ts = rng.sample(range(first, len(ev.steps) - 1), min(cfg.units_per_event, len(ev.steps) - 1 - first))
         picks.append(sorted(ts))
     stats = meanfield_chain(evs, [max(ts) + 1 for ts in picks], how="stats", lang=cfg.lang,
                             stats=cfg.policy_format()[1])
@@ -154,12 +155,13 @@ class PolicyExample:
 def build_policy_examples(events: list[Event], cfg: TuneConfig, n_examples: int, rng: random.Random,
                           roles: Roles | None, meanfield_role: str | None = "meanfield") -> list[PolicyExample]:
     """(event, context, state) -> real action with the method's own context code (mf: m_t; state: none)."""
-    evs = [event_steps(e, cfg.lang, cfg.step_size, cfg.max_steps) for e in events]
-    evs = [e for e in evs if e.steps]
+    first = cfg.first_step
+    evs = [event_steps(e, cfg.lang, cfg.step_size, first + cfg.max_steps) for e in events]
+    evs = [e for e in evs if len(e.steps) > first]
     rng.shuffle(evs)
     n_events, total = 0, 0
     while n_events < len(evs) and total < n_examples:  # just enough events for n_examples
-        total += sum(min(cfg.agents_per_step, len(s)) for s in evs[n_events].steps)
+        total += sum(min(cfg.agents_per_step, len(s)) for s in evs[n_events].steps[first:])
         n_events += 1
     evs = evs[:n_events]
     if cfg.context == "mf":  # m before step s: fed steps < s, as in warm-up
@@ -171,6 +173,8 @@ def build_policy_examples(events: list[Event], cfg: TuneConfig, n_examples: int,
     out = []
     for ev, chain in zip(evs, chains, strict=True):
         for s, pairs in enumerate(ev.steps):
+            if s < first:  # the chain still reads these steps: m_t is fed the real history from the start
+                continue
             prefix = policy_prefix(ev.event_text, method.context(History(), chain[s], cfg.lang), cfg.lang)
             picked = rng.sample(pairs, min(cfg.agents_per_step, len(pairs)))
             targets = policy_targets([text for _, text in picked], cfg)
@@ -192,10 +196,10 @@ def load_json_gz(path: Path):
 
 def sample_events(cfg: TuneConfig, split: str, n: int) -> list[Event]:
     """A seeded random sample of `n` events of `split`, streamed (one file parsed at a time), each cut to
-    the actions of its first max_steps + 1 steps (all a stage uses): memory stays small on any corpus."""
+    the actions of its first first_step + max_steps + 1 steps (all a stage uses): memory stays small."""
     if not cfg.data:
         raise ConfigError("--data is required", field="data")
-    keep = (cfg.max_steps + 1) * cfg.step_size
+    keep = (cfg.first_step + cfg.max_steps + 1) * cfg.step_size
     heap: list = []  # the n smallest keys, as a max-heap
     for ev in iter_events(cfg.data, split=split):
         key = derive_seed(cfg.seed, "pick", ev.event_id)
