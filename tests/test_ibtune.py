@@ -171,7 +171,8 @@ def test_a_decide_base_model_is_tuned_on_its_own_target_format(tiny_model_dir, e
     texts = [a.text for a in events[0].actions[:6]]
     labels = RulesLabeler().label(texts)
     decide = _cfg(tmp_path / "d", str(DEFAULT_MODEL), context="state")
-    assert decide.policy_format() == (True, "stats-compact")
+    assert decide.policy_sim() == {"method": "mf", "decision_header": True, "meanfield": "stats-compact",
+                                   "meanfield_decay": 1.0}
     got = ib.policy_targets(texts, decide)
     assert got == [render_header(lab.labels) + action_to_target(t) for lab, t in zip(labels, texts, strict=True)]
     assert [split_header(g).labels for g in got] == [{d: lab.labels[d] for d in HEADER_DIMS} for lab in labels]
@@ -179,7 +180,7 @@ def test_a_decide_base_model_is_tuned_on_its_own_target_format(tiny_model_dir, e
     assert exs and all(split_header(e.target).labels is not None for e in exs)
 
     plain = _cfg(tmp_path / "p", tiny_model_dir, context="state")
-    assert plain.policy_format() == (False, "stats")
+    assert plain.policy_sim() == {"method": "mf"}
     assert ib.policy_targets(texts, plain) == [action_to_target(t) for t in texts]
     off = _cfg(tmp_path / "o", str(DEFAULT_MODEL), context="state", decision_header=False)
     assert ib.policy_targets(texts, off) == [action_to_target(t) for t in texts]

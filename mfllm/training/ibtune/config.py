@@ -82,14 +82,16 @@ class TuneConfig(BaseModel):
         except ValidationError as e:
             raise _config_error(e) from None
 
-    def policy_format(self) -> tuple[bool, str]:
-        """(decision header?, the stats mean field the policy reads): what the base model's policy file asks."""
-        from mfllm.simulation.decision import policy_spec
+    def policy_sim(self) -> dict:
+        """What the base model's mfllm_policy.json asks of an `mf` run (the simulator's own reading of it,
+        ``apply_policy``): the decision header, the stats mean field and its memory; ``decision_header``
+        overrides the header. {"method": "mf"} alone for a model without a policy file."""
+        from mfllm.simulation.decision import apply_policy
 
-        spec = policy_spec(self.base)
-        header = bool(spec.get("decision_header")) if self.decision_header is None else self.decision_header
-        stats = spec.get("meanfield", "stats") if str(spec.get("meanfield", "")).startswith("stats") else "stats"
-        return header, stats
+        sim = apply_policy(self.base, {"method": "mf"})
+        if self.decision_header is not None:
+            sim["decision_header"] = self.decision_header
+        return sim
 
     def check(self, stage: str) -> None:
         """What only one stage requires."""

@@ -52,7 +52,7 @@ def policy_targets(texts: list[str], cfg: TuneConfig) -> list[str]:
     """What the policy writes for these real actions: ``action_to_target(text)``, after the rules labeler's
     decision header when the base model writes one (the same target as its own training, mfllm.training.decide)."""
     targets = [action_to_target(t, cfg.lang) for t in texts]
-    if not cfg.policy_format()[0]:
+    if not cfg.policy_sim().get("decision_header"):
         return targets
     labels = RulesLabeler().label(list(texts))
     return [render_header(lab.labels, cfg.lang) + t for lab, t in zip(labels, targets, strict=True)]
@@ -60,17 +60,18 @@ def policy_targets(texts: list[str], cfg: TuneConfig) -> list[str]:
 
 def meanfield_chain(evs: list[EventSteps], upto: list[int], *, how: str, lang: str, roles: Roles | None = None,
                     role: str | None = None, seed: int = 0, max_new_tokens: int = 160,
-                    stats: str = "stats") -> list[list[str]]:
+                    stats: str = "stats", decay: float | None = None) -> list[list[str]]:
     """m before each step, fed the real history: chains[e][t] = m_{t-1} (chains[e][0] = the empty marker).
 
-    how="stats": the stats mean field (`stats`: stats | stats-compact, the one the policy reads);
+    how="stats": the stats mean field (`stats`: stats | stats-compact, with memory `decay`: the one the policy
+    reads, None = the mean field's default);
     how="llm": the summariser (`role` of `roles`, None = the base model) sampled with the inference
     settings, all events' step t batched together. Only steps < upto[e] are run.
     """
     init = strings(lang)["empty_meanfield"]
     chains = [[init] for _ in evs]
     if how == "stats":
-        smf = make_meanfield(stats, lang=lang)
+        smf = make_meanfield(stats, lang=lang, **({} if decay is None else {"decay": decay}))
         for e, ev in enumerate(evs):
             state = smf.initial(lang)
             for t in range(min(upto[e], len(ev.steps))):
@@ -120,8 +121,9 @@ def build_units(events: list[Event], cfg: TuneConfig, n_units: int, rng: random.
     for ev in evs:
         ts = rng.sample(range(first, len(ev.steps) - 1), min(cfg.units_per_event, len(ev.steps) - 1 - first))
         picks.append(sorted(ts))
+    sim = cfg.policy_sim()
     stats = meanfield_chain(evs, [max(ts) + 1 for ts in picks], how="stats", lang=cfg.lang,
-                            stats=cfg.policy_format()[1])
+                            stats=sim.get("meanfield", "stats"), decay=sim.get("meanfield_decay"))
     if cfg.previous == "stats":
         chains = stats
     else:
