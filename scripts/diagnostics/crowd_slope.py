@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import json
+from pathlib import Path
 
 import numpy as np
 
 from mfllm.labels.rules import RulesLabeler
+from mfllm.store.replicas import base_event_id, replica_dirs
+from mfllm.store.run import iter_steps
 
 DIMS = ("rumor", "sentiment_state", "sentiment_tendency", "behavior_type", "stance", "belief_degree",
         "subjectivity", "intent")
@@ -38,24 +39,22 @@ def shares(labeler: RulesLabeler, texts: list[str]) -> dict[str, dict[str, float
 
 def read_row(out: str, row: str, lo: int, hi: int) -> dict[str, dict[str, list[str]]]:
     """event id -> warm (real), roll (real, replica 0), sim (all replicas) texts."""
-    per: dict = collections.defaultdict(lambda: {"warm": [], "roll": [], "sim": [], "seen": collections.Counter()})
-    for path in sorted(glob.glob(f"{out}/runs/{row}/r*/steps.jsonl")):
-        first = path.split("/")[-2] == "r0"
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                ev = per[rec["event_id"].split("#")[0]]  # replica K's events are "<id>#rK"
-                for a in rec["actions"]:
-                    if rec["phase"] == "warmup":
-                        if first:
-                            ev["warm"].append(a["real_text"])
-                        continue
-                    i = ev["seen"][path]
-                    ev["seen"][path] += 1
-                    if lo <= i < hi:
-                        if first:
-                            ev["roll"].append(a["real_text"])
-                        ev["sim"].append(a["sim_text"] or "")
+    per: dict = collections.defaultdict(lambda: {"warm": [], "roll": [], "sim": []})
+    for k, run in enumerate(replica_dirs(Path(out) / "runs" / row)):
+        seen: collections.Counter = collections.Counter()
+        for rec in iter_steps(run):
+            ev = per[base_event_id(rec["event_id"])]
+            for a in rec["actions"]:
+                if rec["phase"] == "warmup":
+                    if k == 0:
+                        ev["warm"].append(a["real_text"])
+                    continue
+                i = seen[rec["event_id"]]
+                seen[rec["event_id"]] += 1
+                if lo <= i < hi:
+                    if k == 0:
+                        ev["roll"].append(a["real_text"])
+                    ev["sim"].append(a["sim_text"] or "")
     return per
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mfllm.labels.rules import RulesLabeler
 from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement
+from mfllm.store.run import iter_steps
 
 
 def chance(decs: list[Decision], labels: list) -> dict[str, float]:
@@ -37,15 +38,13 @@ def main() -> None:
     a = ap.parse_args()
     decs: list[Decision] = []
     for run in a.runs:
-        with open(run / "steps.jsonl", encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec["phase"] != "rollout":
+        for rec in iter_steps(run):
+            if rec["phase"] != "rollout":
+                continue
+            for act in rec["actions"]:
+                if act.get("injected") or act.get("sim_text") is None:
                     continue
-                for act in rec["actions"]:
-                    if act.get("injected") or act.get("sim_text") is None:
-                        continue
-                    decs.append(Decision(text=act["sim_text"], labels=act.get("decision") or None))
+                decs.append(Decision(text=act["sim_text"], labels=act.get("decision") or None))
     labels = RulesLabeler().label([d.text for d in decs])
     out = header_agreement(decs, labels)
     out["chance_per_dimension"] = chance(decs, labels)
