@@ -20,10 +20,9 @@ import torch
 
 from mfllm.data.load import load_events
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.prompts.templates import policy_prefix, render_context, strings
 from mfllm.simulation.decision import policy_spec
 from mfllm.training.decide.data import pack, packed_logits, tokenize_steps
-from mfllm.training.decide.probe import probe_steps
+from mfllm.training.decide.probe import condition_prefixes, probe_steps
 
 SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -48,21 +47,7 @@ def main() -> None:
     evmap = {e.event_id: e for e in evs}
     steps, reads = probe_steps(evs, max_agents=a.max_agents, decay=policy_spec(a.model).get("meanfield_decay", 0.8))
     toks = tokenize_steps(tok, steps, max_len=10_000)
-    empty = strings("zh")["empty_meanfield"]
-
-    def prefixes(cond: str) -> list[np.ndarray]:
-        texts = []
-        for st in steps:
-            if cond == "own":
-                ctx = render_context("mf", "zh", meanfield=reads[st.event_id][st.step])
-            elif cond == "empty":
-                ctx = render_context("mf", "zh", meanfield=empty)
-            else:
-                ctx = render_context("state", "zh")
-            texts.append(policy_prefix(evmap[st.event_id].source.text, ctx, "zh"))
-        return [np.asarray(p, np.int64) for p in tok(texts, add_special_tokens=False)["input_ids"]]
-
-    pre = {c: prefixes(c) for c in ("own", "empty", "state")}
+    pre = {c: condition_prefixes(tok, steps, evmap, reads, c, "zh") for c in ("own", "empty", "state")}
     nll = {(u, g): {"header": [], "text": []} for u in ("empty", "state") for g in SCALES}
     ev_of: list[str] = []
     with torch.no_grad():

@@ -48,19 +48,25 @@ def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, c
     return steps, reads
 
 
-def _prefixes(tokenizer, steps: list[StepText], events: dict[str, Event], reads: dict, cond: str, lang: str,
-              donor: dict[str, str]) -> list[np.ndarray]:
+def condition_prefixes(tokenizer, steps: list[StepText], events: dict[str, Event], reads: dict, cond: str,
+                       lang: str, donor: dict[str, str] | None = None) -> list[np.ndarray]:
+    """Each step's shared prompt prefix (token ids) under a condition: ``own`` / ``other`` (the `donor`
+    event's mean field at that step, or its last) / ``empty`` mean field, or ``state`` (no context block)."""
     empty = strings(lang)["empty_meanfield"]
     texts = []
     for st in steps:
-        if cond == "own":
-            mf = reads[st.event_id][st.step]
-        elif cond == "empty":
-            mf = empty
+        if cond == "state":
+            context = render_context("state", lang)
         else:
-            d = reads[donor[st.event_id]]
-            mf = d.get(st.step, d[max(d)])
-        texts.append(policy_prefix(events[st.event_id].source.text, render_context("mf", lang, meanfield=mf), lang))
+            if cond == "own":
+                mf = reads[st.event_id][st.step]
+            elif cond == "empty":
+                mf = empty
+            else:
+                d = reads[donor[st.event_id]]
+                mf = d.get(st.step, d[max(d)])
+            context = render_context("mf", lang, meanfield=mf)
+        texts.append(policy_prefix(events[st.event_id].source.text, context, lang))
     return [np.asarray(p, np.int64) for p in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -95,7 +101,7 @@ def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header
     ev_of = [st.event_id for st, tk in zip(steps, toks, strict=True) for _ in tk.suffixes]
     labels = [lab for st in steps for lab in st.labels]
     for cond in conditions:
-        pref = _prefixes(tokenizer, steps, evmap, reads, cond, lang, donor)
+        pref = condition_prefixes(tokenizer, steps, evmap, reads, cond, lang, donor)
         hdr, txt, hits = [], [], []
         for i in range(0, len(toks), rows_per_batch):
             b = pack(toks[i:i + rows_per_batch], prefixes=pref[i:i + rows_per_batch])
