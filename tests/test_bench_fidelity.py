@@ -64,6 +64,10 @@ def test_builtin_rows_and_variants():
     assert sim_config(FidelitySettings(out="x"), by["mf"], 48).meanfield_decay == 1.0
     assert sim_config(FidelitySettings(out="x", model=str(MINI_MODEL)), by["mf"], 48).meanfield_decay is None
     assert sim_config(FidelitySettings(out="x"), by["state"], 48).meanfield_decay is None
+    # the policy's sampling per row (any method); the default stays SimConfig's
+    cool = sim_config(FidelitySettings(out="x"), parse_variant("c=state:temp=0.8,top_p=0.9"), 48)
+    assert (cool.temperature, cool.top_p) == (0.8, 0.9)
+    assert (sim_config(FidelitySettings(out="x"), by["mf"], 48).temperature, cool.method) == (1.0, "state")
 
 
 @pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])
@@ -75,7 +79,8 @@ def test_bad_methods_are_refused(bad):
 @pytest.mark.parametrize("bad", ["x", "x=", "mf=state", "x=foo", "x=state:tf=true", "x=mf:colour=red",
                                  "x=mf:mf=gpt", "x=mf:context=other", "x=mf-llm:mfmax=0", "x=mf-llm:mfmax=ten",
                                  "x=state:mfmax=64", "x=mf:mf=stats,mfmax=64", "x=mf:decay=1.5", "x=mf:decay=half",
-                                 "x=state:decay=0.9", "x=mf-llm:decay=0.9"])
+                                 "x=state:decay=0.9", "x=mf-llm:decay=0.9",
+                                 "x=mf:temp=-1", "x=mf:temp=hot", "x=mf:top_p=0", "x=mf:top_p=1.5"])
 def test_bad_variants_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_variant(bad)

@@ -45,6 +45,9 @@ class MethodSpec(BaseModel, frozen=True, extra="forbid"):
     context: Context = "own"  # mf only: own | empty (always the empty mean field) | shuffled (another event's)
     meanfield_max_new_tokens: int | None = None  # llm mean field's summary budget (None: SimConfig's default)
     meanfield_decay: float | None = None  # stats mean fields' memory per step (None: SimConfig's default)
+    temperature: float | None = None  # the policy's sampling temperature (None: SimConfig's default, 1)
+    top_p: float | None = None  # the policy's nucleus (None: SimConfig's default, 1)
+    meanfield_header: bool | None = None  # decide models: the stats mean field counts the header's labels
 
     @property
     def is_mf(self) -> bool:
@@ -70,15 +73,20 @@ _KEYS = {
     "context": "context",
     "meanfield_max_new_tokens": "meanfield_max_new_tokens", "mfmax": "meanfield_max_new_tokens",
     "meanfield_decay": "meanfield_decay", "decay": "meanfield_decay",
+    "temperature": "temperature", "temp": "temperature",
+    "top_p": "top_p",
+    "meanfield_header": "meanfield_header", "mfheader": "meanfield_header",
 }
+_RANGES = {"meanfield_decay": (0.0, 1.0, False), "temperature": (0.0, 5.0, False), "top_p": (0.0, 1.0, True)}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _value(key: str, v: str, text: str):
     """One variant option's value, checked (the message names the short key a user typed)."""
-    if key == "teacher_forcing":
+    if key in ("teacher_forcing", "meanfield_header"):
         if v.lower() not in _TRUE + _FALSE:
-            raise ConfigError(f"variant {text!r}: tf must be true or false", field="variant")
+            raise ConfigError(f"variant {text!r}: {'tf' if key == 'teacher_forcing' else 'mfheader'} must be true or false",
+                              field="variant")
         return v.lower() in _TRUE
     if key == "meanfield" and v not in ("stats", "llm"):
         raise ConfigError(f"variant {text!r}: meanfield must be stats or llm", field="variant")
@@ -88,14 +96,17 @@ def _value(key: str, v: str, text: str):
         if not v.isdigit() or int(v) < 1:
             raise ConfigError(f"variant {text!r}: mfmax must be a whole number >= 1", field="variant")
         return int(v)
-    if key == "meanfield_decay":
+    if key in _RANGES:
+        lo, hi, lo_open = _RANGES[key]
         try:
-            d = float(v)
+            x = float(v)
         except ValueError:
-            d = -1.0
-        if not 0.0 <= d <= 1.0:
-            raise ConfigError(f"variant {text!r}: decay must be a number in [0, 1]", field="variant")
-        return d
+            x = float("nan")
+        if not (lo < x <= hi if lo_open else lo <= x <= hi):
+            short = {"meanfield_decay": "decay", "temperature": "temp"}.get(key, key)
+            raise ConfigError(f"variant {text!r}: {short} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]",
+                              field="variant")
+        return x
     return v
 
 
@@ -106,7 +117,9 @@ def parse_variant(text: str) -> MethodSpec:
     ``meanfield``/``mf`` (stats|llm), ``teacher_forcing``/``tf`` (true|false), ``policy_adapter``/``policy``
     (adapter dir), ``meanfield_adapter``/``mfa`` (adapter dir, for meanfield=llm), ``context`` (own|empty|
     shuffled; mf only), ``meanfield_max_new_tokens``/``mfmax`` (the llm mean field's summary budget),
-    ``meanfield_decay``/``decay`` (0..1: how much of the past counts a stats mean field keeps per step).
+    ``meanfield_decay``/``decay`` (0..1: how much of the past counts a stats mean field keeps per step),
+    ``temperature``/``temp`` and ``top_p`` (the policy's sampling; the mean-field model keeps its own),
+    ``meanfield_header``/``mfheader`` (true|false: a decide model's stats mean field counts its headers' labels).
     Example: ``mf-ib=mf:policy=ckpt/policy,mfa=ckpt/meanfield,mf=llm,mfmax=64``.
     """
     name, sep, rest = text.partition("=")
@@ -138,6 +151,8 @@ def _check_spec(spec: MethodSpec, where: str) -> None:
         raise ConfigError(f"{where}: context / teacher forcing / meanfield=llm only apply to mf rows", field="variant")
     if spec.meanfield_max_new_tokens is not None and (not spec.is_mf or spec.meanfield == "stats"):
         raise ConfigError(f"{where}: mfmax only applies to rows with meanfield=llm", field="variant")
+    if spec.meanfield_header and (not spec.is_mf or spec.meanfield == "llm"):
+        raise ConfigError(f"{where}: mfheader only applies to mf rows with a stats mean field", field="variant")
     if spec.meanfield_decay is not None and (not spec.is_mf or spec.meanfield == "llm"):
         raise ConfigError(f"{where}: decay only applies to mf rows with a stats mean field", field="variant")
 

@@ -64,6 +64,12 @@ def sim_config(settings: FidelitySettings, spec: MethodSpec, warmup: int) -> Sim
         kw["meanfield_max_new_tokens"] = spec.meanfield_max_new_tokens
     if spec.meanfield_decay is not None:
         kw["meanfield_decay"] = spec.meanfield_decay
+    if spec.temperature is not None:
+        kw["temperature"] = spec.temperature
+    if spec.top_p is not None:
+        kw["top_p"] = spec.top_p
+    if spec.meanfield_header is not None:
+        kw["meanfield_header"] = spec.meanfield_header
     # a decide model (a local one, the shipped default, or one served under its shipped name): header + its mean field
     apply_policy(policy_model(settings.backend, settings.model), kw)
     return SimConfig(**kw)
