@@ -115,3 +115,38 @@ def test_no_model_option_follows_the_model_that_runs():
     assert sim_config(FidelitySettings(out="x"), parse_variant("r=mf"), 48).decision_header is True
     remote = FidelitySettings(out="x", backend="openai", model=DEFAULT_MODEL.name)
     assert sim_config(remote, parse_variant("r=mf"), 48).meanfield == "stats-compact"
+
+
+def test_meanfield_header_counts_the_simulated_headers(tmp_path):
+    """--variant-level option meanfield_header: the rollout's mean field counts each action's header labels."""
+    from mfllm.backends.hf import HFBackend
+    from mfllm.data.load import load_events
+    from mfllm.labels.rules import RulesLabeler
+    from mfllm.paths import SAMPLE_DATA
+    from mfllm.simulation.config import SimConfig
+    from mfllm.simulation.decision import HEADER_DIMS, apply_policy
+    from mfllm.simulation.engine import Simulator
+
+    ev = load_events(SAMPLE_DATA).events[0]
+    backend = HFBackend(str(DECIDE), device="cpu")
+    recs = {}
+    for flag in (False, True):
+        sim = apply_policy(DECIDE, {"step_size": 4, "warmup": 8, "max_rollout_agents": 8, "seed": 3,
+                                    "meanfield_header": flag})
+        out = []
+        Simulator(backend, SimConfig(**sim)).run([ev], out.append)
+        recs[flag] = out
+    # same seeds, same first rollout step (it reads the warm-up only); the counts after it differ as the labels do
+    first = [r for r in recs[True] if r.phase == "rollout"][0]
+    assert [a.sim_text for a in first.actions] == [a.sim_text for a in [r for r in recs[False] if r.phase == "rollout"][0].actions]
+    before = [r for r in recs[True] if r.phase == "warmup"][-1].meanfield_state["data"]["counts"]
+    after = first.meanfield_state["data"]["counts"]
+    text_labels = RulesLabeler().label([a.sim_text or "" for a in first.actions])
+    for d in HEADER_DIMS:
+        want = dict(before[d])
+        for a, lab in zip(first.actions, text_labels, strict=True):
+            cat = (a.decision or {}).get(d) or lab.labels[d]
+            want[cat] += 1.0
+        assert after[d] == want, d
+    with __import__("pytest").raises(ValueError, match="meanfield_header"):
+        SimConfig(meanfield_header=True)  # no decision header: refused, not silently ignored

@@ -130,3 +130,20 @@ def test_the_run_config_sets_the_stats_mean_fields_memory():
         s2 = keep.update_many([MeanFieldUpdate("e", s1, [("u", "这是谣言吗？太离谱了")] * 4)])[0]
         # decay 1: 4 old reposts still count 4 against 4 new comments -> 50% / 50%
         assert s2.data["counts"]["behavior_type"] == {"comment": 4.0, "share": 4.0}
+
+
+def test_stats_meanfield_counts_an_actions_declared_labels_over_its_text():
+    mf = StatsMeanField(decay=1.0)
+    text = "这是谣言吗？太离谱了"
+    read = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)] * 2)])[0]
+    said = {"stance": "oppose", "belief_degree": "doubt"}
+    both = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)] * 2, decisions=[said, None])])[0]
+    counts, base = both.data["counts"], read.data["counts"]
+    assert counts["stance"]["oppose"] == base["stance"]["oppose"] + 1  # the first action's declared stance
+    assert sum(counts["stance"].values()) == 2 and counts["belief_degree"]["doubt"] >= 1
+    # the dimensions a decision does not name still come from the text
+    assert counts["sentiment_tendency"] == base["sentiment_tendency"] and counts["intent"] == base["intent"]
+    # a bad category is ignored, not counted as a new one
+    odd = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)], decisions=[{"stance": "maybe"}])])[0]
+    plain = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)])])[0]
+    assert odd.data["counts"]["stance"] == plain.data["counts"]["stance"]

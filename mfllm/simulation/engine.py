@@ -264,8 +264,11 @@ class Simulator:
                     run.rollout_done += 1
                 rows.append(row)
             fed = _fed(rows, step.phase, cfg.teacher_forcing)
+            decided = None
+            if cfg.meanfield_header and step.phase == "rollout" and not cfg.teacher_forcing:
+                decided = [None if r.injected else r.decision for r in rows]
             updates.append(MeanFieldUpdate(run.event.source.text, run.meanfield, fed,
-                                           seed=derive_seed(cfg.seed, ev_id, step.index, "mf")))
+                                           seed=derive_seed(cfg.seed, ev_id, step.index, "mf"), decisions=decided))
             records.append(rows)
 
         new_mfs = self.meanfield.update_many(updates) if updates else []

@@ -46,6 +46,9 @@ class MeanFieldUpdate:
     previous: MeanFieldState
     pairs: list[tuple[str, str]]  # (agent state text, action text); "" = plain repost
     seed: int = 0
+    # per pair, labels the action declared itself (a decide policy's header), or None: a stats mean field
+    # counts these instead of its labeler's reading of the text, for the dimensions they name
+    decisions: list[dict[str, str] | None] | None = None
 
 
 class MeanFieldModel(ABC):
@@ -83,7 +86,12 @@ class StatsMeanField(MeanFieldModel):
     def update_many(self, updates: list[MeanFieldUpdate]) -> list[MeanFieldState]:
         texts = [a for u in updates for _, a in u.pairs]
         labels = iter(self.labeler.label(texts))
-        return [self._update(u.previous, [(a, next(labels)) for _, a in u.pairs]) for u in updates]
+        out = []
+        for u in updates:
+            decided = u.decisions or [None] * len(u.pairs)
+            out.append(self._update(u.previous, [(a, next(labels), dec) for (_, a), dec in
+                                                 zip(u.pairs, decided, strict=True)]))
+        return out
 
     def _update(self, prev: MeanFieldState, labelled: list) -> MeanFieldState:
         d = prev.data
@@ -91,10 +99,11 @@ class StatsMeanField(MeanFieldModel):
                   for dim, cats in DIMENSIONS.items()}
         kw = Counter({k: self.decay * v for k, v in d.get("keywords", {}).items()})
         examples = list(d.get("examples", []))
-        for text, lab in labelled:
+        for text, lab, decided in labelled:
             if lab is None:
                 continue
-            for dim, cat in lab.labels.items():
+            said = {d: c for d, c in (decided or {}).items() if c in counts.get(d, {})}  # a bad label: the text's
+            for dim, cat in {**lab.labels, **said}.items():
                 if dim in counts and cat in counts[dim]:
                     counts[dim][cat] += 1.0
             kw.update(lab.keywords)
