@@ -11,7 +11,14 @@ from mfllm.data.load import load_events
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL, MINI_MODEL, SAMPLE_DATA
-from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement, render_header, split_header
+from mfllm.simulation.decision import (
+    HEADER_DIMS,
+    Decision,
+    header_agreement,
+    header_format,
+    render_header,
+    split_header,
+)
 from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldUpdate, StatsMeanField
 
 LABELS = {"behavior_type": "comment", "stance": "oppose", "belief_degree": "doubt", "sentiment_state": "angry"}
@@ -154,3 +161,58 @@ def test_apply_policy_sets_what_the_model_file_asks_unless_the_user_chose(tmp_pa
     sim = Simulator(None, SimConfig(**apply_policy(tmp_path, {})))
     assert sim.meanfield.decay == 1.0
     assert Simulator(None, SimConfig(**apply_policy(MINI_MODEL, {}))).meanfield.decay == 0.8
+
+
+def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(events):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from mfllm.training.decide.data import (
+        crowd_kl,
+        event_steps,
+        header_category_ids,
+        pack,
+        packed_logits,
+        tokenize_steps,
+    )
+
+    tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    steps = [s for ev in events[:2] for s in event_steps(ev)][:3]
+    for s in steps:
+        s.agents, s.labels = s.agents[:6], s.labels[:6]
+    steps[2].agents, steps[2].labels = steps[2].agents[:1], steps[2].labels[:1]  # one agent: no crowd, skipped
+    toks = tokenize_steps(tok, steps, max_len=320)
+    b = pack(toks)
+    rows = [r for r, t in enumerate(toks) for _ in t.suffixes]
+    cats = header_category_ids(tok)
+    with torch.no_grad():
+        logits = packed_logits(model, b)
+    # by hand, from the labels of the text: the real mix, and the mean over agents of each one's distribution
+    hdr = {}
+    for j in (b.part == 0).nonzero().squeeze(1).tolist():
+        hdr.setdefault(int(b.seg[j]), []).append(j)
+    want = []
+    for d, (dim, c) in enumerate(zip(HEADER_DIMS, cats, strict=True)):
+        names = list(header_format("zh")["labels"][dim])
+        for r in range(2):
+            ex = [k for k in range(len(rows)) if rows[k] == r]
+            real = torch.tensor([sum(steps[r].labels[i][dim] == n for i in range(len(ex))) for n in names]) / len(ex)
+            pred = torch.stack([torch.softmax(logits[hdr[k][d + 1]][c], 0) for k in ex]).mean(0)
+            m = real > 0
+            want.append((real[m] * (real[m] / pred[m]).log()).sum())
+    got = crowd_kl(logits, b, rows, cats)
+    assert torch.allclose(got, torch.stack(want).mean(), atol=1e-5) and got > 0
+    # a model that predicts each step's real mix for every agent has no crowd error
+    perfect = torch.full_like(logits, -1e4)
+    for d, c in enumerate(cats):
+        for k in range(len(rows)):
+            if rows[k] < 2:
+                pos = hdr[k][d + 1]
+                same = [i for i in range(len(rows)) if rows[i] == rows[k]]
+                real = torch.stack([(b.tgt[hdr[i][d + 1]] == c).float() for i in same]).mean(0)
+                perfect[pos, c] = real.clamp_min(1e-12).log()
+    assert float(crowd_kl(perfect, b, rows, cats)) < 1e-6
+    # it trains: the gradient reaches the logits
+    x = logits.clone().requires_grad_(True)
+    crowd_kl(x, b, rows, cats).backward()
+    assert x.grad.abs().sum() > 0

@@ -32,7 +32,7 @@ from mfllm.data.state import agent_state_text
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
 from mfllm.seeds import derived_rng
-from mfllm.simulation.decision import render_header
+from mfllm.simulation.decision import HEADER_DIMS, header_format, render_header
 from mfllm.simulation.history import History
 from mfllm.simulation.meanfield import (
     CompactStatsMeanField,
@@ -290,6 +290,52 @@ def packed_nll(model, batch: Packed) -> torch.Tensor:
     h = out.last_hidden_state.reshape(-1, out.last_hidden_state.size(-1))[batch.src]
     logits = model.lm_head(h).float()
     return torch.nn.functional.cross_entropy(logits, batch.tgt, reduction="none")
+
+
+def header_category_ids(tokenizer, lang: str = "zh") -> list[torch.Tensor]:
+    """Per header dimension (HEADER_DIMS order), the token id of each of its categories."""
+    fmt = header_format(lang)
+    out = []
+    for d in HEADER_DIMS:
+        ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(tok)) for tok in fmt["labels"][d].values()]
+        if any(len(x) != 1 for x in ids):
+            raise ValueError(f"header label of {d} is not one token in this tokenizer: {fmt['labels'][d]}")
+        out.append(torch.tensor([x[0] for x in ids]))
+    return out
+
+
+def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list[torch.Tensor]) -> torch.Tensor:
+    """The crowd term: per packed row (one event step) and header dimension, KL(real mix || mean predicted mix).
+
+    `logits` are the model's at every target position of `batch` ([N, V]); `rows[k]` is the row of example k.
+    The real mix is the step's real header labels (the targets); the predicted mix is the mean over the
+    step's agents of each one's distribution over the dimension's categories. Per-action NLL already has the
+    right optimum; this term adds the crowd-level error directly, the one a population simulator is scored on.
+    Mean over (row, dimension) pairs with at least 2 agents; 0 when there are none.
+    """
+    hdr = (batch.part == 0).nonzero().squeeze(1)
+    seg = batch.seg[hdr]
+    # the k-th header position of an example: 0 = open marker, 1..len(HEADER_DIMS) = the dimensions
+    first = torch.zeros_like(seg)
+    first[1:] = (seg[1:] != seg[:-1]).long()
+    order = torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
+    row_of = torch.tensor(rows)[seg]
+    terms = []
+    for k, cats in enumerate(cat_ids, start=1):
+        at = order == k
+        pos, r = hdr[at], row_of[at]
+        if len(pos) == 0:
+            continue
+        p = torch.softmax(logits[pos][:, cats].float(), dim=-1)  # [n, C] each agent's mix over the categories
+        y = (batch.tgt[pos][:, None] == cats[None, :]).float()  # [n, C] its real label (one-hot)
+        for row in r.unique():
+            m = r == row
+            if int(m.sum()) < 2:
+                continue
+            real, pred = y[m].mean(0), p[m].mean(0)
+            keep = real > 0
+            terms.append((real[keep] * (real[keep].log() - pred[keep].clamp_min(1e-8).log())).sum())
+    return torch.stack(terms).mean() if terms else logits.new_zeros(())
 
 
 def packed_logits(model, batch: Packed) -> torch.Tensor:

@@ -35,7 +35,15 @@ from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import MINI_MODEL
 from mfllm.simulation.decision import POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
-from mfllm.training.decide.data import StepTokens, build_step_tokens, is_summary, pack, packed_nll
+from mfllm.training.decide.data import (
+    StepTokens,
+    build_step_tokens,
+    crowd_kl,
+    header_category_ids,
+    is_summary,
+    pack,
+    packed_logits,
+)
 from mfllm.training.decide.probe import run_probe
 from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
 
@@ -66,6 +74,9 @@ class DecideConfig(BaseModel):
                                      "prompt -> the compact stats text after that step); 0: actions only")
     meanfield_decay: float = Field(0.8, ge=0, le=1, description="the compact stats mean field's memory (weight each "
                                    "step keeps of the past counts), in training and in the model's policy file")
+    crowd_weight: float = Field(0.0, ge=0, description="weight of the crowd term: per step and header dimension, "
+                                "KL(the step's real label mix || the mean of its agents' predicted mixes), added "
+                                "to the per-action loss (0: off, as in the shipped stages 1-3)")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -157,6 +168,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         opt = opt_factory(model)
         start, history = 0, []
     model.train()
+    cat_ids = header_category_ids(tokenizer, cfg.lang)
     order = _batches(steps, cfg)
     seen = history[-1]["examples"] if history else 0
     train_s = history[-1]["train_seconds"] if history else 0.0
@@ -165,10 +177,17 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, s)
         hw = cfg.early_header_weight if s < cfg.early_steps and cfg.early_header_weight is not None else cfg.header_weight
-        batch = pack([steps[i] for i in order[s]], header_weight=hw)
+        rows = [steps[i] for i in order[s]]
+        batch = pack(rows, header_weight=hw)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            nll = packed_nll(model, batch).float()
+            logits = packed_logits(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits.float(), batch.tgt, reduction="none")
         loss = (nll * batch.weight).sum() / batch.n_examples  # weighted NLL per example (action or summary)
+        crowd = None
+        if cfg.crowd_weight > 0:
+            row_of = [r for r, st in enumerate(rows) for _ in st.suffixes]
+            crowd = crowd_kl(logits, batch, row_of, cat_ids)
+            loss = loss + cfg.crowd_weight * crowd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -176,7 +195,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         seen += batch.n_examples
         now = time.time()
         train_s += now - t_last
-        row = {"step": s + 1, "loss": round(loss.item(), 4), "lr": round(_lr(cfg, s), 6), "examples": seen,
+        row = {"step": s + 1, "loss": round(loss.item(), 4), **({"crowd": round(crowd.item(), 4)} if crowd is not None else {}), "lr": round(_lr(cfg, s), 6), "examples": seen,
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
         if len(probe_events) >= 2 and ((s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps):
