@@ -169,7 +169,7 @@ def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(even
     from mfllm.training.decide.data import (
         crowd_kl,
         event_steps,
-        header_category_ids,
+        header_token_ids,
         pack,
         packed_logits,
         tokenize_steps,
@@ -184,7 +184,7 @@ def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(even
     toks = tokenize_steps(tok, steps, max_len=320)
     b = pack(toks)
     rows = [r for r, t in enumerate(toks) for _ in t.suffixes]
-    cats = header_category_ids(tok)
+    cats = [torch.tensor(list(ids.values())) for ids in header_token_ids(tok)]
     with torch.no_grad():
         logits = packed_logits(model, b)
     # by hand, from the labels of the text: the real mix, and the mean over agents of each one's distribution

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import numpy as np
 import torch
 
-from mfllm.data.load import load_events
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.decision import policy_spec
-from mfllm.training.decide.data import pack, packed_logits, tokenize_steps
-from mfllm.training.decide.probe import condition_prefixes, probe_steps
+from mfllm.training.decide.data import pack, packed_logits
+from mfllm.training.decide.probe import condition_prefixes, probe_setup
 
 SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -36,17 +33,7 @@ def main() -> None:
     ap.add_argument("--max-agents", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.set_num_threads(a.threads)
-    tok = PreTrainedTokenizerFast.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    evs = [e for e in load_events(a.data, split=a.split).events if len(e.actions) >= 64]
-    random.Random(0).shuffle(evs)
-    evs = evs[: a.events]
-    evmap = {e.event_id: e for e in evs}
-    steps, reads = probe_steps(evs, max_agents=a.max_agents, decay=policy_spec(a.model).get("meanfield_decay", 0.8))
-    toks = tokenize_steps(tok, steps, max_len=10_000)
+    tok, model, evmap, steps, reads, toks = probe_setup(a.model, a.data, a.split, a.events, a.max_agents, a.threads)
     pre = {c: condition_prefixes(tok, steps, evmap, reads, c, "zh") for c in ("own", "empty", "state")}
     nll = {(u, g): {"header": [], "text": []} for u in ("empty", "state") for g in SCALES}
     ev_of: list[str] = []

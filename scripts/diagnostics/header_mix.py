@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import random
 
 import numpy as np
 import torch
 
-from mfllm.data.load import load_events
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.decision import HEADER_DIMS, header_format, policy_spec
-from mfllm.training.decide.data import header_category_ids, pack, packed_logits, tokenize_steps
-from mfllm.training.decide.probe import condition_prefixes, probe_steps
+from mfllm.simulation.decision import HEADER_DIMS
+from mfllm.training.decide.data import header_token_ids, pack, packed_logits
+from mfllm.training.decide.probe import condition_prefixes, probe_setup
 
 WARMUP = 48  # probe_steps' warm-up (event_steps' default)
 
@@ -42,22 +40,14 @@ def main() -> None:
     ap.add_argument("--gammas", default="0", help="comma-separated guidance scales (0 = the model as it is)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.set_num_threads(a.threads)
-    tok = PreTrainedTokenizerFast.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    evs = [e for e in load_events(a.data, split=a.split).events if len(e.actions) >= 64]
-    random.Random(0).shuffle(evs)
-    evs = evs[: a.events]
-    evmap = {e.event_id: e for e in evs}
-    steps, reads = probe_steps(evs, max_agents=a.max_agents, decay=policy_spec(a.model).get("meanfield_decay", 0.8))
-    toks = tokenize_steps(tok, steps, max_len=10_000)
+    tok, model, evmap, steps, reads, toks = probe_setup(a.model, a.data, a.split, a.events, a.max_agents, a.threads)
+    evs = list(evmap.values())
     gammas = [float(x) for x in a.gammas.split(",")]
     conds = ["own", "empty"] if any(gammas) else ["own"]
     pre = {c: condition_prefixes(tok, steps, evmap, reads, c, "zh") for c in conds}
-    names = {d: list(header_format("zh")["labels"][d]) for d in HEADER_DIMS}
-    cat_ids = header_category_ids(tok)
+    token_ids = header_token_ids(tok)
+    names = {d: list(ids) for d, ids in zip(HEADER_DIMS, token_ids, strict=True)}
+    cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids]
 
     def zeros() -> dict[str, np.ndarray]:
         return {d: np.zeros(len(names[d])) for d in HEADER_DIMS}

@@ -292,22 +292,23 @@ def packed_nll(model, batch: Packed) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, batch.tgt, reduction="none")
 
 
-def header_category_ids(tokenizer, lang: str = "zh") -> list[torch.Tensor]:
-    """Per header dimension (HEADER_DIMS order), the token id of each of its categories."""
+def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None:
+    """Per header dimension (HEADER_DIMS order): category -> its single token id; None when a label is not one token."""
     fmt = header_format(lang)
     out = []
     for d in HEADER_DIMS:
-        ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(tok)) for tok in fmt["labels"][d].values()]
-        if any(len(x) != 1 for x in ids):
-            raise ValueError(f"header label of {d} is not one token in this tokenizer: {fmt['labels'][d]}")
-        out.append(torch.tensor([x[0] for x in ids]))
+        ids = {c: tokenizer(t, add_special_tokens=False)["input_ids"] for c, t in fmt["labels"][d].items()}
+        if any(len(v) != 1 for v in ids.values()):
+            return None
+        out.append({c: v[0] for c, v in ids.items()})
     return out
 
 
 def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list[torch.Tensor]) -> torch.Tensor:
     """The crowd term: per packed row (one event step) and header dimension, KL(real mix || mean predicted mix).
 
-    `logits` are the model's at every target position of `batch` ([N, V]); `rows[k]` is the row of example k.
+    `logits` are the model's at every target position of `batch` ([N, V]); `rows[k]` is the row of example k;
+    `cat_ids[d]` the token ids of dimension d's categories (`header_token_ids`' values, as a tensor).
     The real mix is the step's real header labels (the targets); the predicted mix is the mean over the
     step's agents of each one's distribution over the dimension's categories. Per-action NLL already has the
     right optimum; this term adds the crowd-level error directly, the one a population simulator is scored on.

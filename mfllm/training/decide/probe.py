@@ -22,7 +22,14 @@ from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import policy_prefix, render_context, strings
 from mfllm.simulation.decision import HEADER_DIMS, header_format
 from mfllm.simulation.meanfield import CompactStatsMeanField, StatsMeanField
-from mfllm.training.decide.data import StepText, event_steps, pack, packed_logits, tokenize_steps
+from mfllm.training.decide.data import (
+    StepText,
+    event_steps,
+    header_token_ids,
+    pack,
+    packed_logits,
+    tokenize_steps,
+)
 
 CONDITIONS = ("own", "other", "empty")
 
@@ -48,6 +55,25 @@ def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, c
     return steps, reads
 
 
+def probe_setup(model_path: str, data: str, split: str, n_events: int, max_agents: int = 64, threads: int = 2):
+    """What the teacher-forced diagnostics share: the model (eval) and tokenizer, the first `n_events` of a seeded
+    shuffle of the split's events with 64+ actions (id -> event), their `probe_steps` at the model's own
+    mean-field memory (its mfllm_policy.json) and the steps' tokens."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from mfllm.data.load import load_events
+    from mfllm.simulation.decision import policy_spec
+
+    torch.set_num_threads(threads)
+    tok = PreTrainedTokenizerFast.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    evs = [e for e in load_events(data, split=split).events if len(e.actions) >= 64]
+    random.Random(0).shuffle(evs)
+    evs = evs[:n_events]
+    steps, reads = probe_steps(evs, max_agents=max_agents, decay=policy_spec(model_path).get("meanfield_decay", 0.8))
+    return tok, model, {e.event_id: e for e in evs}, steps, reads, tokenize_steps(tok, steps, max_len=10_000)
+
+
 def condition_prefixes(tokenizer, steps: list[StepText], events: dict[str, Event], reads: dict, cond: str,
                        lang: str, donor: dict[str, str] | None = None) -> list[np.ndarray]:
     """Each step's shared prompt prefix (token ids) under a condition: ``own`` / ``other`` (the `donor`
@@ -70,18 +96,6 @@ def condition_prefixes(tokenizer, steps: list[StepText], events: dict[str, Event
     return [np.asarray(p, np.int64) for p in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _label_token_ids(tokenizer, lang: str) -> list[dict[str, int]] | None:
-    """Per header slot: category -> its single token id; None when a label is not one token."""
-    fmt = header_format(lang)
-    out = []
-    for d in HEADER_DIMS:
-        ids = {c: tokenizer(t, add_special_tokens=False)["input_ids"] for c, t in fmt["labels"][d].items()}
-        if any(len(v) != 1 for v in ids.values()):
-            return None
-        out.append({c: v[0] for c, v in ids.items()})
-    return out
-
-
 @torch.no_grad()
 def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
               max_agents: int = 64, rows_per_batch: int = 4, conditions: tuple[str, ...] = CONDITIONS,
@@ -96,7 +110,7 @@ def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header
     random.Random(seed).shuffle(order)
     donor = {e: order[(i + 1) % len(order)] for i, e in enumerate(order)}
     toks = tokenize_steps(tokenizer, steps, max_len=10_000)  # no drop: every condition scores the same targets
-    slot_ids = _label_token_ids(tokenizer, lang) if header else None
+    slot_ids = header_token_ids(tokenizer, lang) if header else None
     res: dict[str, dict] = {}
     ev_of = [st.event_id for st, tk in zip(steps, toks, strict=True) for _ in tk.suffixes]
     labels = [lab for st in steps for lab in st.labels]

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from mfllm.backends.hf.loading import load_weights
+from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import MINI_MODEL
 from mfllm.simulation.decision import POLICY_FILE
@@ -39,7 +40,7 @@ from mfllm.training.decide.data import (
     StepTokens,
     build_step_tokens,
     crowd_kl,
-    header_category_ids,
+    header_token_ids,
     is_summary,
     pack,
     packed_logits,
@@ -168,7 +169,11 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         opt = opt_factory(model)
         start, history = 0, []
     model.train()
-    cat_ids = header_category_ids(tokenizer, cfg.lang)
+    token_ids = header_token_ids(tokenizer, cfg.lang)
+    if cfg.crowd_weight > 0 and token_ids is None:
+        raise ConfigError("crowd_weight needs every header label to be one token of the init model's tokenizer",
+                          field="crowd_weight")
+    cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     order = _batches(steps, cfg)
     seen = history[-1]["examples"] if history else 0
     train_s = history[-1]["train_seconds"] if history else 0.0
