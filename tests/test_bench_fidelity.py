@@ -27,6 +27,7 @@ from mfllm.bench.fidelity import (
     render_markdown,
     sim_config,
 )
+from mfllm.bench.fidelity.bench import run_fidelity
 from mfllm.cli.bench import bench_app
 from mfllm.data.load import load_events
 from mfllm.data.schema import Action, Profile
@@ -68,6 +69,16 @@ def test_builtin_rows_and_variants():
     cool = sim_config(FidelitySettings(out="x"), parse_variant("c=state:temp=0.8,top_p=0.9"), 48)
     assert (cool.temperature, cool.top_p) == (0.8, 0.9)
     assert (sim_config(FidelitySettings(out="x"), by["mf"], 48).temperature, cool.method) == (1.0, "state")
+    assert sim_config(FidelitySettings(out="x"), parse_variant("h=mf:mfheader=true"), 48).meanfield_header
+    assert not sim_config(FidelitySettings(out="x"), by["mf"], 48).meanfield_header
+
+
+def test_mfheader_row_without_a_decide_model_is_refused_before_any_run(tmp_path):
+    settings = FidelitySettings(out=str(tmp_path / "b"), model=str(MINI_MODEL), methods="mf",
+                                variants=["h=mf:mfheader=true"], limit=1)
+    with pytest.raises(ConfigError, match="row h: mfheader needs a decide model"):
+        run_fidelity(settings)
+    assert not (tmp_path / "b" / "runs").exists()
 
 
 @pytest.mark.parametrize("bad", ["nope", "mf,mf", "state,mf-shuffled", ""])
@@ -80,7 +91,9 @@ def test_bad_methods_are_refused(bad):
                                  "x=mf:mf=gpt", "x=mf:context=other", "x=mf-llm:mfmax=0", "x=mf-llm:mfmax=ten",
                                  "x=state:mfmax=64", "x=mf:mf=stats,mfmax=64", "x=mf:decay=1.5", "x=mf:decay=half",
                                  "x=state:decay=0.9", "x=mf-llm:decay=0.9",
-                                 "x=mf:temp=-1", "x=mf:temp=hot", "x=mf:top_p=0", "x=mf:top_p=1.5"])
+                                 "x=mf:temp=-1", "x=mf:temp=hot", "x=mf:top_p=0", "x=mf:top_p=1.5",
+                                 "x=state:mfheader=true", "x=mf-llm:mfheader=true", "x=mf-tf:mfheader=true",
+                                 "x=mf:mfheader=maybe"])
 def test_bad_variants_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_variant(bad)

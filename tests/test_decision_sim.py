@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mfllm.cli import app
+from mfllm.errors import ConfigError
 from mfllm.paths import ASSETS, DEFAULT_MODEL, MINI_MODEL
 from mfllm.simulation.decision import header_format
 
@@ -118,7 +120,7 @@ def test_no_model_option_follows_the_model_that_runs():
 
 
 def test_meanfield_header_counts_the_simulated_headers(tmp_path):
-    """--variant-level option meanfield_header: the rollout's mean field counts each action's header labels."""
+    """SimConfig.meanfield_header (bench key mfheader): the rollout's mean field counts each action's header labels."""
     from mfllm.backends.hf import HFBackend
     from mfllm.data.load import load_events
     from mfllm.labels.rules import RulesLabeler
@@ -142,11 +144,18 @@ def test_meanfield_header_counts_the_simulated_headers(tmp_path):
     before = [r for r in recs[True] if r.phase == "warmup"][-1].meanfield_state["data"]["counts"]
     after = first.meanfield_state["data"]["counts"]
     text_labels = RulesLabeler().label([a.sim_text or "" for a in first.actions])
+    differ = 0
     for d in HEADER_DIMS:
         want = dict(before[d])
         for a, lab in zip(first.actions, text_labels, strict=True):
             cat = (a.decision or {}).get(d) or lab.labels[d]
+            differ += cat != lab.labels[d]
             want[cat] += 1.0
         assert after[d] == want, d
-    with __import__("pytest").raises(ValueError, match="meanfield_header"):
-        SimConfig(meanfield_header=True)  # no decision header: refused, not silently ignored
+    assert differ > 0  # some header disagrees with its text, so the counts above tell the two apart
+    plain = [r for r in recs[False] if r.phase == "rollout"][0].meanfield_state["data"]["counts"]
+    assert any(plain[d] != after[d] for d in HEADER_DIMS)
+    # refused, not silently ignored: no decision header (mfllm-mini), or teacher forcing
+    for bad in ({"meanfield_header": True}, {**sim, "teacher_forcing": True}):
+        with pytest.raises(ConfigError, match="meanfield_header"):
+            Simulator(backend, SimConfig(**bad))

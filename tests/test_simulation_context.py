@@ -133,17 +133,21 @@ def test_the_run_config_sets_the_stats_mean_fields_memory():
 
 
 def test_stats_meanfield_counts_an_actions_declared_labels_over_its_text():
+    from mfllm.labels.rules import RulesLabeler
+
     mf = StatsMeanField(decay=1.0)
     text = "这是谣言吗？太离谱了"
-    read = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)] * 2)])[0]
-    said = {"stance": "oppose", "belief_degree": "doubt"}
+    read = RulesLabeler().label([text])[0].labels
+    # declare the other category of each binary dimension, so that every count that moves shows the override
+    flip = {"belief_degree": {"believe": "doubt", "doubt": "believe"}, "behavior_type": {"comment": "share", "share": "comment"}}
+    said = {d: flip[d][read[d]] for d in flip}
     both = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)] * 2, decisions=[said, None])])[0]
-    counts, base = both.data["counts"], read.data["counts"]
-    assert counts["stance"]["oppose"] == base["stance"]["oppose"] + 1  # the first action's declared stance
-    assert sum(counts["stance"].values()) == 2 and counts["belief_degree"]["doubt"] >= 1
+    counts = both.data["counts"]
+    for d in flip:  # the first action counts as declared, the second as its text reads
+        assert counts[d] == {c: float((c == said[d]) + (c == read[d])) for c in counts[d]}, d
     # the dimensions a decision does not name still come from the text
-    assert counts["sentiment_tendency"] == base["sentiment_tendency"] and counts["intent"] == base["intent"]
-    # a bad category is ignored, not counted as a new one
+    for d in ("stance", "sentiment_tendency", "intent"):
+        assert counts[d][read[d]] == 2.0, d
+    # a category that does not exist is ignored (the text's label counts), never added as a new one
     odd = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)], decisions=[{"stance": "maybe"}])])[0]
-    plain = mf.update_many([MeanFieldUpdate("e", mf.initial(), [("u", text)])])[0]
-    assert odd.data["counts"]["stance"] == plain.data["counts"]["stance"]
+    assert odd.data["counts"]["stance"] == {c: float(c == read["stance"]) for c in odd.data["counts"]["stance"]}

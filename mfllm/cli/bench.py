@@ -58,8 +58,8 @@ def fidelity_command(
     variant: Annotated[list[str] | None, typer.Option(
         help="Extra row NAME=BASE[:key=val,...]; keys meanfield|mf (stats|llm), tf (true|false), "
              "policy (adapter dir), mfa (mean-field adapter dir), context (own|empty|shuffled), mfmax (the llm "
-             "mean field's summary budget), decay (stats mean field memory, 0..1), temp and top_p (the policy's "
-             "sampling). "
+             "mean field's summary budget), decay (stats mean field memory, 0..1), temp (0..5) and top_p (the "
+             "policy's sampling), mfheader (true|false: a decide model's mean field counts its headers). "
              "E.g. mf-ib=mf:policy=ckpt/policy. Repeatable.")] = None,
     model: Annotated[str | None, typer.Option(help=f"Model path or name. Default: the shipped {DEFAULT_MODEL.name}.")] = None,
     backend: Annotated[str, typer.Option(help="hf (local transformers) | openai | vllm.")] = "hf",

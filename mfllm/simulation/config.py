@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from mfllm.backends.base import SamplingParams
 
@@ -51,13 +51,8 @@ class SimConfig(BaseModel):
                                   "decide model, mfllm_policy.json): split off the text, kept as the record's decision")
     meanfield_header: bool = Field(False, description="with a decision header and a stats mean field: in rollout the "
                                    "mean field counts each simulated action's header labels (the dimensions the "
-                                   "header names) instead of the rules labeler's reading of its text")
-
-    @model_validator(mode="after")
-    def _header_feed_needs_header(self) -> SimConfig:
-        if self.meanfield_header and (not self.decision_header or self.meanfield == "llm"):
-            raise ValueError("meanfield_header needs decision_header (a decide model) and a stats mean field")
-        return self
+                                   "header names) instead of the rules labeler's reading of its text (checked by "
+                                   "the Simulator, once the model's policy file has set decision_header)")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

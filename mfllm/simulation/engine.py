@@ -109,6 +109,10 @@ class Simulator:
     def __init__(self, backend: Backend | None, config: SimConfig, meanfield: MeanFieldModel | None = None,
                  interventions: list[Intervention] | None = None):
         self.backend, self.cfg = backend, config
+        if config.meanfield_header and (not config.decision_header or config.meanfield == "llm"
+                                        or config.teacher_forcing):
+            raise ConfigError("meanfield_header needs a decide model (decision_header), a stats mean field and no "
+                              "teacher forcing", field="sim.meanfield_header")
         self.method: Method = make_method(config.method)
         if config.meanfield == "llm":
             mf_options: dict = {"adapter": config.meanfield_adapter, "max_new_tokens": config.meanfield_max_new_tokens}

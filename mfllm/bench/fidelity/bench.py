@@ -26,6 +26,7 @@ from mfllm.evaluation.evaluate import evaluate_run, resolve_labeler, resolve_mar
 from mfllm.evaluation.metrics import METRICS, PAPER, Scoring
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.paths import DEFAULT_MODEL, SAMPLE_DATA
+from mfllm.simulation.decision import policy_model, policy_spec
 
 SCHEMA = 2
 KIND = "mfllm-bench-fidelity"
@@ -58,7 +59,11 @@ def _check(settings: FidelitySettings, specs: list[MethodSpec]) -> list[str]:
         if settings.reference != "mf" or "mf" in by_name or any(s.is_mf for s in specs):
             raise ConfigError(f"--reference {settings.reference!r} is not a mean-field row of this bench (rows: "
                               f"{', '.join(by_name)})", field="reference")
+    decide = bool(policy_spec(policy_model(settings.backend, settings.model)).get("decision_header"))
     for s in specs:
+        if s.meanfield_header and not decide:
+            raise ConfigError(f"row {s.name}: mfheader needs a decide model (one whose mfllm_policy.json sets "
+                              f"decision_header); --model {settings.model or 'default'} has none", field="variant")
         for p in (s.policy_adapter, s.meanfield_adapter):
             if p and not Path(p).expanduser().is_dir():
                 raise ConfigError(f"row {s.name}: adapter directory {p} does not exist", field="adapter")

@@ -151,8 +151,9 @@ def _check_spec(spec: MethodSpec, where: str) -> None:
         raise ConfigError(f"{where}: context / teacher forcing / meanfield=llm only apply to mf rows", field="variant")
     if spec.meanfield_max_new_tokens is not None and (not spec.is_mf or spec.meanfield == "stats"):
         raise ConfigError(f"{where}: mfmax only applies to rows with meanfield=llm", field="variant")
-    if spec.meanfield_header and (not spec.is_mf or spec.meanfield == "llm"):
-        raise ConfigError(f"{where}: mfheader only applies to mf rows with a stats mean field", field="variant")
+    if spec.meanfield_header and (not spec.is_mf or spec.meanfield == "llm" or spec.teacher_forcing):
+        raise ConfigError(f"{where}: mfheader only applies to mf rows with a stats mean field and no teacher forcing",
+                          field="variant")
     if spec.meanfield_decay is not None and (not spec.is_mf or spec.meanfield == "llm"):
         raise ConfigError(f"{where}: decay only applies to mf rows with a stats mean field", field="variant")
 

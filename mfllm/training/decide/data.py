@@ -20,6 +20,7 @@ It packs as a row of one segment with no suffix and no header (text weight 1).
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -286,10 +287,7 @@ def packed_nll(model, batch: Packed) -> torch.Tensor:
 
     The LM head runs only at the positions that predict a target (most of a row is prompt).
     """
-    out = model.model(input_ids=batch.ids, position_ids=batch.pos, attention_mask=batch.mask, use_cache=False)
-    h = out.last_hidden_state.reshape(-1, out.last_hidden_state.size(-1))[batch.src]
-    logits = model.lm_head(h).float()
-    return torch.nn.functional.cross_entropy(logits, batch.tgt, reduction="none")
+    return torch.nn.functional.cross_entropy(packed_logits(model, batch).float(), batch.tgt, reduction="none")
 
 
 def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None:
@@ -301,6 +299,15 @@ def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None
         if any(len(v) != 1 for v in ids.values()):
             return None
         out.append({c: v[0] for c, v in ids.items()})
+    # the slots are read by position: every whole header must be [open, one token per dimension, close]
+    open_ids, close_ids = (tokenizer(fmt[k], add_special_tokens=False)["input_ids"] for k in ("open", "close"))
+    if len(open_ids) != 1 or len(close_ids) != 1:
+        return None
+    for combo in itertools.product(*(list(x) for x in out)):
+        labels = dict(zip(HEADER_DIMS, combo, strict=True))
+        want = [*open_ids, *(x[c] for x, c in zip(out, combo, strict=True)), *close_ids]
+        if tokenizer(render_header(labels, lang), add_special_tokens=False)["input_ids"] != want:
+            return None
     return out
 
 

@@ -17,10 +17,11 @@ from collections import Counter
 import numpy as np
 import torch
 
+from mfllm.data.load import load_events
 from mfllm.data.schema import Event
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import policy_prefix, render_context, strings
-from mfllm.simulation.decision import HEADER_DIMS, header_format
+from mfllm.simulation.decision import HEADER_DIMS, header_format, policy_spec
 from mfllm.simulation.meanfield import CompactStatsMeanField, StatsMeanField
 from mfllm.training.decide.data import (
     StepText,
@@ -59,10 +60,7 @@ def probe_setup(model_path: str, data: str, split: str, n_events: int, max_agent
     """What the teacher-forced diagnostics share: the model (eval) and tokenizer, the first `n_events` of a seeded
     shuffle of the split's events with 64+ actions (id -> event), their `probe_steps` at the model's own
     mean-field memory (its mfllm_policy.json) and the steps' tokens."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from mfllm.data.load import load_events
-    from mfllm.simulation.decision import policy_spec
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # heavy: only the scripts need it
 
     torch.set_num_threads(threads)
     tok = PreTrainedTokenizerFast.from_pretrained(model_path)

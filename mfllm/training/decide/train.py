@@ -144,6 +144,11 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
+    token_ids = header_token_ids(tokenizer, cfg.lang)
+    if cfg.crowd_weight > 0 and token_ids is None:
+        raise ConfigError("crowd_weight needs every header to be one token per label in the init model's tokenizer",
+                          field="crowd_weight")
+    cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
     val_events = load_split(cfg.data, "val")
@@ -169,11 +174,6 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         opt = opt_factory(model)
         start, history = 0, []
     model.train()
-    token_ids = header_token_ids(tokenizer, cfg.lang)
-    if cfg.crowd_weight > 0 and token_ids is None:
-        raise ConfigError("crowd_weight needs every header label to be one token of the init model's tokenizer",
-                          field="crowd_weight")
-    cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     order = _batches(steps, cfg)
     seen = history[-1]["examples"] if history else 0
     train_s = history[-1]["train_seconds"] if history else 0.0
@@ -200,7 +200,10 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         seen += batch.n_examples
         now = time.time()
         train_s += now - t_last
-        row = {"step": s + 1, "loss": round(loss.item(), 4), **({"crowd": round(crowd.item(), 4)} if crowd is not None else {}), "lr": round(_lr(cfg, s), 6), "examples": seen,
+        row = {"step": s + 1, "loss": round(loss.item(), 4)}
+        if crowd is not None:  # loss = the per-action loss + crowd_weight * crowd
+            row["crowd"] = round(crowd.item(), 4)
+        row |= {"lr": round(_lr(cfg, s), 6), "examples": seen,
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
         if len(probe_events) >= 2 and ((s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps):
