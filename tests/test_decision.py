@@ -216,3 +216,39 @@ def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(even
     x = logits.clone().requires_grad_(True)
     crowd_kl(x, b, rows, cats).backward()
     assert x.grad.abs().sum() > 0
+
+
+def test_crowd_target_over_a_window_of_real_actions(events):
+    """window = the step size: each step's target is its own agents' mix, so the term is unchanged; a longer
+    window reaches into the next steps' real labels."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from mfllm.training.decide.data import (
+        crowd_kl,
+        event_steps,
+        header_shares,
+        header_token_ids,
+        pack,
+        packed_logits,
+        tokenize_steps,
+    )
+
+    tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    own = list(event_steps(events[0], step_size=4, window=4))[:3]
+    for st in own:
+        assert (st.window == header_shares(st.labels)).all()
+    longer = list(event_steps(events[0], step_size=4, window=8))[:3]
+    assert [s.labels for s in longer] == [s.labels for s in own]  # the same rows, only the target differs
+    assert (longer[0].window == header_shares(own[0].labels + own[1].labels)).all()
+    toks = tokenize_steps(tok, own, max_len=320)
+    assert all(t.window is not None for t in toks)
+    b = pack(toks)
+    rows = [r for r, t in enumerate(toks) for _ in t.suffixes]
+    cats = [torch.tensor(list(ids.values())) for ids in header_token_ids(tok)]
+    with torch.no_grad():
+        logits = packed_logits(model, b)
+    plain = crowd_kl(logits, b, rows, cats)
+    assert torch.allclose(crowd_kl(logits, b, rows, cats, [t.window for t in toks]), plain, atol=1e-6)
+    wide = crowd_kl(logits, b, rows, cats, [t.window for t in tokenize_steps(tok, longer, max_len=320)])
+    assert not torch.allclose(wide, plain)

@@ -59,6 +59,7 @@ class StepText:
     prefix: str
     agents: list[tuple[str, str, str]]  # (prompt suffix = state + answer cue, header, target text)
     labels: list[dict[str, str]]  # the rules labels of each agent's real text
+    window: np.ndarray | None = None  # the crowd target: header-label shares of the next `window` real actions
 
 
 @dataclass(slots=True)
@@ -76,13 +77,14 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
                 meanfield: MeanFieldModel | None = None, labeler: RulesLabeler | None = None,
                 mix: dict[str, float] | None = None, rng: random.Random | None = None,
                 meanfield_for: dict | None = None, meanfield_per_event: int = 0,
-                seed: int = 0) -> Iterator[StepText | SummaryText]:
+                seed: int = 0, window: int = 0) -> Iterator[StepText | SummaryText]:
     """The rollout steps of one event with teacher-forced contexts, and `meanfield_per_event` summariser examples.
 
     `mix`: method -> probability, drawn once per step (default: all `mf`). `meanfield_for`: when a dict,
     filled with step index -> the mean-field text the step read (the probe swaps these between events).
     The summariser steps are drawn from `derived_rng(seed, ..., event id)`, not `rng`: the action rows are
-    the same with or without them.
+    the same with or without them. `window` > 0: each step also carries the header-label shares of the
+    `window` real actions from its first one on (`header_shares`; the crowd term's target).
     """
     mf_model = meanfield or CompactStatsMeanField(lang=lang)
     labeler = labeler or RulesLabeler()
@@ -93,6 +95,11 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     history = History(window=max(m.history_window for m in METHODS.values()))
     mf = mf_model.initial(lang)
     plan = list(plan_steps(event.actions, step_size=step_size, warmup=warmup))
+    rollout_labels: list[dict[str, str]] | None = None
+    if window > 0:  # labelled once: a step's target reaches into the steps after it
+        roll = [a.text for st in plan if st.phase == "rollout" for a in st.actions]
+        rollout_labels = [lab.labels for lab in labeler.label(roll)]
+    done = 0
     replay = set()
     if meanfield_per_event > 0:
         replay = set(derived_rng(seed, "decide-summaries", event.event_id).sample(
@@ -102,12 +109,17 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
         if step.phase == "rollout":
             name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
             prefix = policy_prefix(event.source.text, methods[name].context(history, mf.text, lang), lang)
-            labs = [lab.labels for lab in labeler.label(texts)]
+            if rollout_labels is None:
+                labs, target = [lab.labels for lab in labeler.label(texts)], None
+            else:
+                labs = rollout_labels[done:done + len(texts)]
+                target = header_shares(rollout_labels[done:done + window], lang)
+            done += len(texts)
             agents = [(policy_suffix(agent_state_text(a.profile, lang, depth=a.depth), lang), render_header(lab, lang),
                        action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
             if meanfield_for is not None:
                 meanfield_for[step.index] = mf.text
-            yield StepText(event.event_id, step.index, name, prefix, agents, labs)
+            yield StepText(event.event_id, step.index, name, prefix, agents, labs, target)
         if step.index in replay:  # the pairs as the engine feeds the llm mean field: (state, real text)
             update = MeanFieldUpdate(event.source.text, mf, [(agent_state_text(a.profile, lang, depth=a.depth), a.text)
                                                              for a in step.actions])
@@ -130,6 +142,7 @@ class StepTokens:
     suffixes: list[np.ndarray]
     headers: list[np.ndarray]
     texts: list[np.ndarray]  # target text + end token (clipped texts have no end token)
+    window: np.ndarray | None = None  # StepText.window
 
 
 def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: int = TEXT_TOKENS) -> list[StepTokens]:
@@ -148,7 +161,7 @@ def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: 
     eos = tokenizer.eos_token_id
     out, k = [], 0
     for s, p in zip(steps, prefixes, strict=True):
-        st = StepTokens(np.asarray(p, np.int16), [], [], [])
+        st = StepTokens(np.asarray(p, np.int16), [], [], [], s.window)
         for _ in s.agents:
             t = txt[k][:text_tokens] if len(txt[k]) >= text_tokens else txt[k] + [eos]
             if len(p) + len(suf[k]) + len(hdr[k]) + len(t) <= max_len:
@@ -198,7 +211,7 @@ def is_summary(st: StepTokens) -> bool:
 
 def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
                       mix: dict[str, float] | None = None, chunk: int = 200,
-                      meanfield_per_event: int = 0, decay: float = 0.8) -> list[StepTokens]:
+                      meanfield_per_event: int = 0, decay: float = 0.8, window: int = 0) -> list[StepTokens]:
     """Every rollout step of `events` and `meanfield_per_event` summariser rows per event, tokenized (in chunks
     of events, so the text never piles up; per chunk the action rows, then the summariser rows)."""
     rng = random.Random(seed)
@@ -208,7 +221,7 @@ def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed:
     sums: list[SummaryText] = []
     for ev in events:
         for row in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng,
-                               meanfield_per_event=meanfield_per_event, seed=seed):
+                               meanfield_per_event=meanfield_per_event, seed=seed, window=window):
             (sums if isinstance(row, SummaryText) else buf).append(row)
         if len(buf) >= chunk * 8:
             out.extend(tokenize_steps(tokenizer, buf, max_len))
@@ -311,12 +324,22 @@ def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None
     return out
 
 
-def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list[torch.Tensor]) -> torch.Tensor:
+def header_shares(labels: list[dict[str, str]], lang: str = "zh") -> np.ndarray:
+    """The share of each header category among `labels`, dimension after dimension (HEADER_DIMS, and each
+    dimension's categories in decision.json's order: the order of `header_token_ids`), as one float32 array."""
+    fmt = header_format(lang)["labels"]
+    n = max(len(labels), 1)
+    return np.array([sum(x[d] == c for x in labels) / n for d in HEADER_DIMS for c in fmt[d]], np.float32)
+
+
+def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list[torch.Tensor],
+             targets: list[np.ndarray | None] | None = None) -> torch.Tensor:
     """The crowd term: per packed row (one event step) and header dimension, KL(real mix || mean predicted mix).
 
     `logits` are the model's at every target position of `batch` ([N, V]); `rows[k]` is the row of example k;
     `cat_ids[d]` the token ids of dimension d's categories (`header_token_ids`' values, as a tensor).
-    The real mix is the step's real header labels (the targets); the predicted mix is the mean over the
+    The real mix is the step's real header labels (the targets), or `targets[row]` (`header_shares` of a
+    longer window of real actions: less sampling noise) where given; the predicted mix is the mean over the
     step's agents of each one's distribution over the dimension's categories. Per-action NLL already has the
     right optimum; this term adds the crowd-level error directly, the one a population simulator is scored on.
     Mean over (row, dimension) pairs with at least 2 agents; 0 when there are none.
@@ -329,6 +352,7 @@ def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list
     order = torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
     row_of = torch.tensor(rows)[seg]
     terms = []
+    offsets = np.cumsum([0, *(len(c) for c in cat_ids)])
     for k, cats in enumerate(cat_ids, start=1):
         at = order == k
         pos, r = hdr[at], row_of[at]
@@ -341,6 +365,8 @@ def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list
             if int(m.sum()) < 2:
                 continue
             real, pred = y[m].mean(0), p[m].mean(0)
+            if targets is not None and targets[int(row)] is not None:
+                real = torch.from_numpy(targets[int(row)][offsets[k - 1]:offsets[k]])
             keep = real > 0
             terms.append((real[keep] * (real[keep].log() - pred[keep].clamp_min(1e-8).log())).sum())
     return torch.stack(terms).mean() if terms else logits.new_zeros(())

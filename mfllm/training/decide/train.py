@@ -78,6 +78,8 @@ class DecideConfig(BaseModel):
     crowd_weight: float = Field(0.0, ge=0, description="weight of the crowd term: per step and header dimension, "
                                 "KL(the step's real label mix || the mean of its agents' predicted mixes), added "
                                 "to the per-action loss (0: off, as in the shipped stages 1-3)")
+    crowd_window: int = Field(0, ge=0, description="the crowd term's real mix: 0 = the step's own agents; N = the "
+                              "N real actions from the step's first on (less sampling noise than one step)")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -119,7 +121,8 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
     t0 = time.time()
     events = load_split(cfg.data, "train", cfg.max_train_events)
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
-                              meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay)
+                              meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay,
+                              window=cfg.crowd_window if cfg.crowd_weight > 0 else 0)
     n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
             "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
@@ -191,7 +194,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         crowd = None
         if cfg.crowd_weight > 0:
             row_of = [r for r, st in enumerate(rows) for _ in st.suffixes]
-            crowd = crowd_kl(logits, batch, row_of, cat_ids)
+            crowd = crowd_kl(logits, batch, row_of, cat_ids, [st.window for st in rows])
             loss = loss + cfg.crowd_weight * crowd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
