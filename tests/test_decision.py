@@ -20,6 +20,15 @@ from mfllm.simulation.decision import (
     split_header,
 )
 from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldUpdate, StatsMeanField
+from mfllm.training.decide.data import (
+    crowd_kl,
+    event_steps,
+    header_shares,
+    header_token_ids,
+    pack,
+    packed_logits,
+    tokenize_steps,
+)
 
 LABELS = {"behavior_type": "comment", "stance": "oppose", "belief_degree": "doubt", "sentiment_state": "angry"}
 
@@ -163,30 +172,32 @@ def test_apply_policy_sets_what_the_model_file_asks_unless_the_user_chose(tmp_pa
     assert Simulator(None, SimConfig(**apply_policy(MINI_MODEL, {}))).meanfield.decay == 0.8
 
 
-def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(events):
+@pytest.fixture(scope="module")
+def decide():
+    """The shipped decide model and its tokenizer."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from mfllm.training.decide.data import (
-        crowd_kl,
-        event_steps,
-        header_token_ids,
-        pack,
-        packed_logits,
-        tokenize_steps,
-    )
-
     tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
-    steps = [s for ev in events[:2] for s in event_steps(ev)][:3]
-    for s in steps:
-        s.agents, s.labels = s.agents[:6], s.labels[:6]
-    steps[2].agents, steps[2].labels = steps[2].agents[:1], steps[2].labels[:1]  # one agent: no crowd, skipped
+    return tok, AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+
+
+def _crowd_batch(decide, steps):
+    """Steps packed as training packs them: tokens, batch, each example's row, category ids, the model's logits."""
+    tok, model = decide
     toks = tokenize_steps(tok, steps, max_len=320)
     b = pack(toks)
     rows = [r for r, t in enumerate(toks) for _ in t.suffixes]
     cats = [torch.tensor(list(ids.values())) for ids in header_token_ids(tok)]
     with torch.no_grad():
-        logits = packed_logits(model, b)
+        return toks, b, rows, cats, packed_logits(model, b)
+
+
+def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(events, decide):
+    steps = [s for ev in events[:2] for s in event_steps(ev)][:3]
+    for s in steps:
+        s.agents, s.labels = s.agents[:6], s.labels[:6]
+    steps[2].agents, steps[2].labels = steps[2].agents[:1], steps[2].labels[:1]  # one agent: no crowd, skipped
+    toks, b, rows, cats, logits = _crowd_batch(decide, steps)
     # by hand, from the labels of the text: the real mix, and the mean over agents of each one's distribution
     hdr = {}
     for j in (b.part == 0).nonzero().squeeze(1).tolist():
@@ -218,37 +229,18 @@ def test_crowd_term_is_the_kl_of_each_steps_real_mix_to_its_mean_prediction(even
     assert x.grad.abs().sum() > 0
 
 
-def test_crowd_target_over_a_window_of_real_actions(events):
+def test_crowd_target_over_a_window_of_real_actions(events, decide):
     """window = the step size: each step's target is its own agents' mix, so the term is unchanged; a longer
     window reaches into the next steps' real labels."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from mfllm.training.decide.data import (
-        crowd_kl,
-        event_steps,
-        header_shares,
-        header_token_ids,
-        pack,
-        packed_logits,
-        tokenize_steps,
-    )
-
-    tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
     own = list(event_steps(events[0], step_size=4, window=4))[:3]
     for st in own:
         assert (st.window == header_shares(st.labels)).all()
     longer = list(event_steps(events[0], step_size=4, window=8))[:3]
     assert [s.labels for s in longer] == [s.labels for s in own]  # the same rows, only the target differs
     assert (longer[0].window == header_shares(own[0].labels + own[1].labels)).all()
-    toks = tokenize_steps(tok, own, max_len=320)
+    toks, b, rows, cats, logits = _crowd_batch(decide, own)
     assert all(t.window is not None for t in toks)
-    b = pack(toks)
-    rows = [r for r, t in enumerate(toks) for _ in t.suffixes]
-    cats = [torch.tensor(list(ids.values())) for ids in header_token_ids(tok)]
-    with torch.no_grad():
-        logits = packed_logits(model, b)
     plain = crowd_kl(logits, b, rows, cats)
     assert torch.allclose(crowd_kl(logits, b, rows, cats, [t.window for t in toks]), plain, atol=1e-6)
-    wide = crowd_kl(logits, b, rows, cats, [t.window for t in tokenize_steps(tok, longer, max_len=320)])
+    wide = crowd_kl(logits, b, rows, cats, [t.window for t in tokenize_steps(decide[0], longer, max_len=320)])
     assert not torch.allclose(wide, plain)

@@ -95,10 +95,9 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     history = History(window=max(m.history_window for m in METHODS.values()))
     mf = mf_model.initial(lang)
     plan = list(plan_steps(event.actions, step_size=step_size, warmup=warmup))
-    rollout_labels: list[dict[str, str]] | None = None
-    if window > 0:  # labelled once: a step's target reaches into the steps after it
-        roll = [a.text for st in plan if st.phase == "rollout" for a in st.actions]
-        rollout_labels = [lab.labels for lab in labeler.label(roll)]
+    # labelled once, up front: a step's crowd target reaches into the steps after it
+    rollout_labels = [lab.labels for lab in labeler.label([a.text for st in plan if st.phase == "rollout"
+                                                           for a in st.actions])]
     done = 0
     replay = set()
     if meanfield_per_event > 0:
@@ -109,11 +108,8 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
         if step.phase == "rollout":
             name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
             prefix = policy_prefix(event.source.text, methods[name].context(history, mf.text, lang), lang)
-            if rollout_labels is None:
-                labs, target = [lab.labels for lab in labeler.label(texts)], None
-            else:
-                labs = rollout_labels[done:done + len(texts)]
-                target = header_shares(rollout_labels[done:done + window], lang)
+            labs = rollout_labels[done:done + len(texts)]
+            target = header_shares(rollout_labels[done:done + window], lang) if window > 0 else None
             done += len(texts)
             agents = [(policy_suffix(agent_state_text(a.profile, lang, depth=a.depth), lang), render_header(lab, lang),
                        action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
@@ -364,9 +360,9 @@ def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list
             m = r == row
             if int(m.sum()) < 2:
                 continue
-            real, pred = y[m].mean(0), p[m].mean(0)
-            if targets is not None and targets[int(row)] is not None:
-                real = torch.from_numpy(targets[int(row)][offsets[k - 1]:offsets[k]])
+            target = targets[int(row)] if targets is not None else None
+            real = y[m].mean(0) if target is None else torch.from_numpy(target[offsets[k - 1]:offsets[k]])
+            pred = p[m].mean(0)
             keep = real > 0
             terms.append((real[keep] * (real[keep].log() - pred[keep].clamp_min(1e-8).log())).sum())
     return torch.stack(terms).mean() if terms else logits.new_zeros(())
