@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfllm.evaluation.metrics import FAIR, kl_js_rows
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
 from mfllm.simulation.decision import HEADER_DIMS
@@ -34,79 +35,72 @@ DIMS = ("rumor", "sentiment_state", "sentiment_tendency", "behavior_type", "stan
         "subjectivity", "intent")
 
 
-def shares(labeler: RulesLabeler, texts: list[str]) -> dict[str, dict[str, float]]:
-    labs = [x.labels for x in labeler.label(texts) if x is not None]
+def mix(labels: list[dict[str, str]], dims: tuple[str, ...] = DIMS) -> dict[str, dict[str, float]]:
+    """dimension -> category -> share among `labels` (label dicts: the rules labels of a text, or a header)."""
     out = {}
-    for d in DIMS:
-        c = collections.Counter(x[d] for x in labs)
+    for d in dims:
+        c = collections.Counter(x[d] for x in labels if d in x)
         n = sum(c.values()) or 1
         out[d] = {k: v / n for k, v in c.items()}
     return out
 
 
-def read_row(out: str, row: str, lo: int, hi: int) -> dict[str, dict[str, list]]:
-    """event id -> warm (real), roll (real, replica 0), sim (all replicas) texts; head: the sim actions' header
-    labels ({} if none); steps: (step, replica, real texts, sim texts, headers) per rollout step."""
-    per: dict = collections.defaultdict(lambda: {"warm": [], "roll": [], "sim": [], "head": [], "steps": []})
+def read_row(out: str, row: str, lo: int, hi: int, labeler: RulesLabeler) -> dict[str, dict]:
+    """event id -> warm: the warm-up's real labels (replica 0); steps: per rollout step (step, replica, real
+    labels, simulated text labels, header labels), rollout agents [lo, hi) only. Every text labelled once."""
+    per: dict = collections.defaultdict(lambda: {"warm": [], "steps": []})
     for k, run in enumerate(replica_dirs(Path(out) / "runs" / row)):
         seen: collections.Counter = collections.Counter()
         for rec in iter_steps(run):
             ev = per[base_event_id(rec["event_id"])]
-            if rec["phase"] != "warmup":
-                ev["steps"].append((rec["step"], k, [], [], []))
+            if rec["phase"] == "warmup":
+                ev["warm"] += [a["real_text"] for a in rec["actions"]] if k == 0 else []
+                continue
+            acts = []
             for a in rec["actions"]:
-                if rec["phase"] == "warmup":
-                    if k == 0:
-                        ev["warm"].append(a["real_text"])
-                    continue
-                i = seen[rec["event_id"]]
+                if lo <= seen[rec["event_id"]] < hi:
+                    acts.append(a)
                 seen[rec["event_id"]] += 1
-                if lo <= i < hi:
-                    if k == 0:
-                        ev["roll"].append(a["real_text"])
-                    ev["sim"].append(a["sim_text"] or "")
-                    ev["head"].append(a.get("decision") or {})
-                    _, _, real, sim, head = ev["steps"][-1]
-                    real.append(a["real_text"])
-                    sim.append(a["sim_text"] or "")
-                    head.append(a.get("decision") or {})
+            ev["steps"].append((rec["step"], k, [a["real_text"] for a in acts], [a["sim_text"] or "" for a in acts],
+                                [a.get("decision") or {} for a in acts]))
+    texts = [t for ev in per.values() for t in ev["warm"]]
+    texts += [t for ev in per.values() for _, _, real, sim, _ in ev["steps"] for t in (*real, *sim)]
+    labels = iter([x.labels if x is not None else {} for x in labeler.label(texts)])
+    for ev in per.values():
+        ev["warm"] = [next(labels) for _ in ev["warm"]]
+    for ev in per.values():
+        ev["steps"] = [(st, k, [next(labels) for _ in real], [next(labels) for _ in sim], head)
+                       for st, k, real, sim, head in ev["steps"]]
     return per
 
 
-def header_shares(decisions: list[dict]) -> dict[str, dict[str, float]]:
+def rollout(ev: dict, part: int) -> list[dict[str, str]]:
+    """All of an event's rollout labels of one kind: 2 = real (replica 0), 3 = simulated text, 4 = headers."""
+    return [x for step in ev["steps"] if part != 2 or step[1] == 0 for x in step[part]]
+
+
+def step_kl(per: dict) -> dict[str, tuple[float, float]]:
+    """Per header dimension: mean over events of the mean per-step KL(real || text labels), (real || headers),
+    under the bench's fair rule (metrics.FAIR: replicas pooled, additive smoothing of the counts)."""
     out = {}
     for d in HEADER_DIMS:
-        c = collections.Counter(x[d] for x in decisions if d in x)
-        n = sum(c.values()) or 1
-        out[d] = {k: v / n for k, v in c.items()}
-    return out
+        cats = DIMENSIONS[d]
 
+        def counts(labels: list[dict], cats=cats, d=d) -> list[float]:
+            return [sum(x.get(d) == c for x in labels) for c in cats]
 
-def step_kl(labeler: RulesLabeler, per: dict) -> dict[str, tuple[float, float]]:
-    """Per header dimension: mean over events of the mean per-step KL(real || text labels), (real || headers)."""
-    cats = {d: sorted(DIMENSIONS[d]) for d in HEADER_DIMS}
-
-    def dist(labels: list[dict], d: str) -> np.ndarray:
-        c = np.array([sum(1 for x in labels if x.get(d) == k) for k in cats[d]], float) + 0.5
-        return c / c.sum()
-
-    def kl(p: np.ndarray, q: np.ndarray) -> float:
-        return float((p * np.log(p / q)).sum())
-
-    out = {}
-    for d in HEADER_DIMS:
         text_kl, head_kl = [], []
         for ev in per.values():
-            bins: dict = collections.defaultdict(lambda: {"real": [], "text": [], "head": []})
+            bins: dict = collections.defaultdict(lambda: ([], [], []))
             for step, k, real, sim, head in ev["steps"]:
                 b = bins[step]
-                if k == 0:
-                    b["real"] += [x.labels for x in labeler.label(real)]
-                b["text"] += [x.labels for x in labeler.label(sim)]
-                b["head"] += head
-            bins = {s: b for s, b in bins.items() if b["real"]}
-            text_kl.append(np.mean([kl(dist(b["real"], d), dist(b["text"], d)) for b in bins.values()]))
-            head_kl.append(np.mean([kl(dist(b["real"], d), dist(b["head"], d)) for b in bins.values()]))
+                b[0].extend(real if k == 0 else [])
+                b[1].extend(sim)
+                b[2].extend(head)
+            kept = [b for b in bins.values() if b[0]]
+            real_c = [counts(b[0]) for b in kept]
+            text_kl.append(kl_js_rows(real_c, [counts(b[1]) for b in kept], FAIR)[0].mean())
+            head_kl.append(kl_js_rows(real_c, [counts(b[2]) for b in kept], FAIR)[0].mean())
         out[d] = (float(np.mean(text_kl)), float(np.mean(head_kl)))
     return out
 
@@ -121,15 +115,15 @@ def main() -> None:
     a = ap.parse_args()
     rows = a.rows.split(",")
     lab = RulesLabeler()
-    data = {r: read_row(a.out, r, a.lo, a.hi) for r in rows}
+    data = {r: read_row(a.out, r, a.lo, a.hi, lab) for r in rows}
     events = sorted(data[rows[0]])
     base = data[rows[0]]
-    W = {e: shares(lab, base[e]["warm"]) for e in events}
-    R = {e: shares(lab, base[e]["roll"]) for e in events}
-    S = {r: {e: shares(lab, data[r][e]["sim"]) for e in events} for r in rows}
+    W = {e: mix(base[e]["warm"]) for e in events}
+    R = {e: mix(rollout(base[e], 2)) for e in events}
+    S = {r: {e: mix(rollout(data[r][e], 3)) for e in events} for r in rows}
     if a.header:
         for r in list(rows):
-            S[f"{r}:header"] = {e: header_shares(data[r][e]["head"]) for e in events}
+            S[f"{r}:header"] = {e: mix(rollout(data[r][e], 4), HEADER_DIMS) for e in events}
             rows.append(f"{r}:header")
     print(f"{len(events)} events, rollout agents [{a.lo}, {a.hi if a.hi < 10**9 else 'end'})")
     print("dimension".ljust(20), "real".rjust(6), *(r.rjust(12) for r in rows), " | TV to real:", *(r.rjust(12) for r in rows))
@@ -155,7 +149,7 @@ def main() -> None:
     if a.header:
         for r in [x for x in rows if not x.endswith(":header")]:
             print(f"\n{r}: mean per-step KL(real || simulated), text labels / header labels")
-            for d, (t, h) in step_kl(lab, data[r]).items():
+            for d, (t, h) in step_kl(data[r]).items():
                 print(f"  {d.ljust(18)} {t:.3f} / {h:.3f}")
 
 
