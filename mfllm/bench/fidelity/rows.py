@@ -77,6 +77,8 @@ _KEYS = {
     "top_p": "top_p",
     "meanfield_header": "meanfield_header", "mfheader": "meanfield_header",
 }
+# the short key a message names (what users type)
+_SHORT = {"teacher_forcing": "tf", "meanfield_header": "mfheader", "meanfield_decay": "decay", "temperature": "temp"}
 _RANGES = {"meanfield_decay": (0.0, 1.0, False), "temperature": (0.0, 5.0, False), "top_p": (0.0, 1.0, True)}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -85,8 +87,7 @@ def _value(key: str, v: str, text: str):
     """One variant option's value, checked (the message names the short key a user typed)."""
     if key in ("teacher_forcing", "meanfield_header"):
         if v.lower() not in _TRUE + _FALSE:
-            raise ConfigError(f"variant {text!r}: {'tf' if key == 'teacher_forcing' else 'mfheader'} must be true or false",
-                              field="variant")
+            raise ConfigError(f"variant {text!r}: {_SHORT[key]} must be true or false", field="variant")
         return v.lower() in _TRUE
     if key == "meanfield" and v not in ("stats", "llm"):
         raise ConfigError(f"variant {text!r}: meanfield must be stats or llm", field="variant")
@@ -103,8 +104,7 @@ def _value(key: str, v: str, text: str):
         except ValueError:
             x = float("nan")
         if not (lo < x <= hi if lo_open else lo <= x <= hi):
-            short = {"meanfield_decay": "decay", "temperature": "temp"}.get(key, key)
-            raise ConfigError(f"variant {text!r}: {short} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]",
+            raise ConfigError(f"variant {text!r}: {_SHORT.get(key, key)} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]",
                               field="variant")
         return x
     return v
