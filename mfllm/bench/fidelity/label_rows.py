@@ -154,7 +154,8 @@ def train_side(data: str, labeler: Labeler, warmup: int, step_size: int, max_age
     The first ``n_events`` training events (id order), each cut as the bench cuts events. The fitted
     weights are cached in ``cache_dir`` under a key of everything they depend on."""
     key = hashlib.blake2b(json.dumps([str(Path(data).resolve()), labeler.name, str(labeler.version), warmup,
-                                      step_size, max_agents, n_events, mf_oracle.DECAY]).encode(),
+                                      step_size, max_agents, n_events, mf_oracle.DECAY,
+                                      mf_oracle.FEATURES_VERSION]).encode(),
                           digest_size=6).hexdigest()
     npz, meta = cache_dir / f"mf-oracle-{key}.npz", cache_dir / f"mf-oracle-{key}.json"
     res = load_events(data, split="train", limit=n_events)
