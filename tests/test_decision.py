@@ -27,6 +27,7 @@ from mfllm.training.decide.data import (
     header_token_ids,
     pack,
     packed_logits,
+    reader_kl,
     tokenize_steps,
 )
 
@@ -244,3 +245,80 @@ def test_crowd_target_over_a_window_of_real_actions(events, decide):
     assert torch.allclose(crowd_kl(logits, b, rows, cats, [t.window for t in toks]), plain, atol=1e-6)
     wide = crowd_kl(logits, b, rows, cats, [t.window for t in tokenize_steps(decide[0], longer, max_len=320)])
     assert not torch.allclose(wide, plain)
+
+
+def _random_reader(events, seed=0):
+    """A label reader (the mf-oracle's model class) with random weights: the reader term only needs its probs."""
+    import numpy as np
+
+    from mfllm.bench.fidelity import mf_oracle
+    from mfllm.labels.dimensions import DIMENSIONS
+
+    n = len(mf_oracle.Shares().features()) + len(mf_oracle.state_features(events[0].actions[0]))
+    rng = np.random.default_rng(seed)
+    return mf_oracle.LabelModel({d: rng.normal(size=(n, len(c))) for d, c in DIMENSIONS.items()}, {})
+
+
+def test_reader_targets_are_the_readers_distribution_given_the_real_shares_before_the_step(events):
+    import random
+
+    import numpy as np
+
+    from mfllm.bench.fidelity import mf_oracle
+
+    reader = _random_reader(events)
+    ev = events[0]
+    steps = list(event_steps(ev, step_size=8, reader=reader, mix={"mf": 0.5, "state": 0.5}, rng=random.Random(3)))
+    assert {s.method for s in steps} == {"mf", "state"}  # the seeded draw has both
+    for s in steps:
+        assert (s.reader is None) == (s.method != "mf")
+    st = next(s for s in steps if s.method == "mf" and s.step > 7)
+    # by hand: the reader's features from the real labels of every action before this step
+    sh = mf_oracle.Shares()
+    labs = RulesLabeler().label([a.text for a in ev.actions])
+    for k in range(st.step):
+        sh.update(labs[k * 8:(k + 1) * 8])
+    acts = ev.actions[st.step * 8:st.step * 8 + len(st.agents)]
+    pr = reader.probs(np.array([sh.features() + mf_oracle.state_features(a) for a in acts]))
+    fmt = header_format("zh")["labels"]
+    from mfllm.labels.dimensions import DIMENSIONS
+    want = np.stack([pr[d][:, DIMENSIONS[d].index(c)] for d in HEADER_DIMS for c in fmt[d]], 1)
+    assert np.allclose(st.reader, want, atol=1e-6)
+    assert np.allclose(st.reader[:, :2].sum(1), 1) and np.allclose(st.reader[:, -6:].sum(1), 1)
+
+
+def test_reader_term_is_each_agents_kl_to_the_reader_and_zero_when_the_model_agrees(events, decide):
+    import random
+
+    reader = _random_reader(events, seed=1)
+    steps = list(event_steps(events[0], reader=reader, mix={"mf": 0.5, "state": 0.5}, rng=random.Random(3)))[:3]
+    for s in steps:
+        s.agents, s.labels = s.agents[:5], s.labels[:5]
+        if s.reader is not None:
+            s.reader = s.reader[:5]
+    assert any(s.reader is None for s in steps) and any(s.reader is not None for s in steps)
+    toks, b, rows, cats, logits = _crowd_batch(decide, steps)
+    targets = [(t.reader, len(t.suffixes)) for t in toks]
+    hdr = {}
+    for j in (b.part == 0).nonzero().squeeze(1).tolist():
+        hdr.setdefault(int(b.seg[j]), []).append(j)
+    off = [0, 2, 5, 7, 13]
+    want, perfect = [], torch.full_like(logits, -1e4)
+    for k, r in enumerate(rows):
+        t = toks[r].reader
+        if t is None:
+            continue
+        i = k - sum(len(toks[x].suffixes) for x in range(r))
+        for d, c in enumerate(cats):
+            q = torch.tensor(t[i, off[d]:off[d + 1]].astype("float32"))
+            q = q.clamp_min(1e-6) / q.clamp_min(1e-6).sum()
+            logp = torch.log_softmax(logits[hdr[k][d + 1]][c], 0)
+            want.append((q * (q.log() - logp)).sum())
+            perfect[hdr[k][d + 1], c] = q.log()
+    got = reader_kl(logits, b, targets, cats)
+    assert torch.allclose(got, torch.stack(want).mean(), atol=1e-5) and got > 0
+    assert float(reader_kl(perfect, b, targets, cats)) < 1e-5
+    x = logits.clone().requires_grad_(True)
+    reader_kl(x, b, targets, cats).backward()
+    assert x.grad.abs().sum() > 0
+    assert float(reader_kl(logits, b, [(None, n) for _, n in targets], cats)) == 0.0  # no target, no term

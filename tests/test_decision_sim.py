@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -74,6 +75,26 @@ def test_train_decide_cli_writes_a_model_that_simulate_runs(tmp_path):
     bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "x"),
                                    "--steps", "0"])
     assert bad.exit_code == 2 and "steps" in bad.output
+
+
+def test_train_decide_with_the_reader_term_fits_a_label_reader_on_the_training_split(tmp_path):
+    """`reader_weight` > 0: the label reader (the bench's mf-oracle) is fitted on the training events, the `mf`
+    steps carry its targets and the step log shows the term."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
+    cfg = tmp_path / "decide.json"
+    cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1,
+                               "meanfield_decay": 1.0, "reader_weight": 40.0, "mix": {"mf": 1.0},
+                               "init": str(DECIDE)}))
+    res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "model"),
+                                   "--steps", "10", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "reader:" in res.output and "mf-oracle: fitting on" in res.output
+    terms = [float(x) for x in re.findall(r'"reader": ([0-9.]+)', res.output)]
+    assert len(terms) == 1 and terms[0] > 0  # the step log: every 10th step
+    info = json.loads((tmp_path / "model" / "training_info.json").read_text(encoding="utf-8"))
+    assert info["config"]["reader_weight"] == 40.0
 
 
 def test_every_entry_point_runs_a_decide_model_the_same_way():

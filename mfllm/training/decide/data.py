@@ -28,8 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mfllm.bench.fidelity.mf_oracle import LabelModel
+from mfllm.bench.fidelity.mf_oracle import Shares as ReaderShares
+from mfllm.bench.fidelity.mf_oracle import state_features as reader_state_features
 from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
 from mfllm.seeds import derived_rng
@@ -60,6 +64,7 @@ class StepText:
     agents: list[tuple[str, str, str]]  # (prompt suffix = state + answer cue, header, target text)
     labels: list[dict[str, str]]  # the rules labels of each agent's real text
     window: np.ndarray | None = None  # the crowd target: header-label shares of the next `window` real actions
+    reader: np.ndarray | None = None  # [agents, header categories]: the label reader's distribution per agent
 
 
 @dataclass(slots=True)
@@ -77,14 +82,16 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
                 meanfield: MeanFieldModel | None = None, labeler: RulesLabeler | None = None,
                 mix: dict[str, float] | None = None, rng: random.Random | None = None,
                 meanfield_for: dict | None = None, meanfield_per_event: int = 0,
-                seed: int = 0, window: int = 0) -> Iterator[StepText | SummaryText]:
+                seed: int = 0, window: int = 0, reader: LabelModel | None = None) -> Iterator[StepText | SummaryText]:
     """The rollout steps of one event with teacher-forced contexts, and `meanfield_per_event` summariser examples.
 
     `mix`: method -> probability, drawn once per step (default: all `mf`). `meanfield_for`: when a dict,
     filled with step index -> the mean-field text the step read (the probe swaps these between events).
     The summariser steps are drawn from `derived_rng(seed, ..., event id)`, not `rng`: the action rows are
     the same with or without them. `window` > 0: each step also carries the header-label shares of the
-    `window` real actions from its first one on (`header_shares`; the crowd term's target).
+    `window` real actions from its first one on (`header_shares`; the crowd term's target). `reader`: each
+    `mf` step also carries, per agent, the label reader's distribution over the header categories given the
+    real label shares through the step before and the agent's state (`reader_targets`; the reader term's target).
     """
     mf_model = meanfield or CompactStatsMeanField(lang=lang)
     labeler = labeler or RulesLabeler()
@@ -96,14 +103,19 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     mf = mf_model.initial(lang)
     plan = list(plan_steps(event.actions, step_size=step_size, warmup=warmup))
     # labelled once, up front: a step's crowd target reaches into the steps after it
-    rollout_labels = [lab.labels for lab in labeler.label([a.text for st in plan if st.phase == "rollout"
-                                                           for a in st.actions])]
+    all_labels = labeler.label([a.text for st in plan for a in st.actions]) if reader is not None else None
+    rollout_labels = ([lab.labels for st, labs in zip(plan, _per_step(plan, all_labels), strict=True)
+                       if st.phase == "rollout" for lab in labs] if all_labels is not None else
+                      [lab.labels for lab in labeler.label([a.text for st in plan if st.phase == "rollout"
+                                                             for a in st.actions])])
+    shares = ReaderShares() if reader is not None else None
+    step_labels = _per_step(plan, all_labels) if all_labels is not None else None
     done = 0
     replay = set()
     if meanfield_per_event > 0:
         replay = set(derived_rng(seed, "decide-summaries", event.event_id).sample(
             [st.index for st in plan], min(meanfield_per_event, len(plan))))
-    for step in plan:
+    for si, step in enumerate(plan):
         texts = [a.text for a in step.actions]
         if step.phase == "rollout":
             name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
@@ -115,7 +127,10 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
                        action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
             if meanfield_for is not None:
                 meanfield_for[step.index] = mf.text
-            yield StepText(event.event_id, step.index, name, prefix, agents, labs, target)
+            soft = reader_targets(reader, shares, step.actions, lang) if shares is not None and name == "mf" else None
+            yield StepText(event.event_id, step.index, name, prefix, agents, labs, target, soft)
+        if shares is not None:
+            shares.update(step_labels[si])
         if step.index in replay:  # the pairs as the engine feeds the llm mean field: (state, real text)
             update = MeanFieldUpdate(event.source.text, mf, [(agent_state_text(a.profile, lang, depth=a.depth), a.text)
                                                              for a in step.actions])
@@ -125,6 +140,24 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
             mf = mf_model.update_many([MeanFieldUpdate(event.source.text, mf, [("", t) for t in texts])])[0]
         for a in step.actions:
             history.add(a.action_id, a.text, a.parent, a.profile.followers, a.time)
+
+
+def _per_step(plan, labels):
+    out, k = [], 0
+    for st in plan:
+        out.append(labels[k:k + len(st.actions)])
+        k += len(st.actions)
+    return out
+
+
+def reader_targets(reader: LabelModel, shares: ReaderShares, actions, lang: str = "zh") -> np.ndarray:
+    """[agents, header categories]: the label reader's distribution for each agent of a step, dimension after
+    dimension in `header_shares`' order (HEADER_DIMS, decision.json's category order)."""
+    f = shares.features()
+    pr = reader.probs(np.array([f + reader_state_features(a) for a in actions]))
+    fmt = header_format(lang)["labels"]
+    cols = [pr[d][:, DIMENSIONS[d].index(c)] for d in HEADER_DIMS for c in fmt[d]]
+    return np.stack(cols, 1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -139,6 +172,7 @@ class StepTokens:
     headers: list[np.ndarray]
     texts: list[np.ndarray]  # target text + end token (clipped texts have no end token)
     window: np.ndarray | None = None  # StepText.window
+    reader: np.ndarray | None = None  # StepText.reader, rows of the agents kept (float16)
 
 
 def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: int = TEXT_TOKENS) -> list[StepTokens]:
@@ -158,13 +192,17 @@ def tokenize_steps(tokenizer, steps: list[StepText], max_len: int, text_tokens: 
     out, k = [], 0
     for s, p in zip(steps, prefixes, strict=True):
         st = StepTokens(np.asarray(p, np.int16), [], [], [], s.window)
-        for _ in s.agents:
+        kept = []
+        for j in range(len(s.agents)):
             t = txt[k][:text_tokens] if len(txt[k]) >= text_tokens else txt[k] + [eos]
             if len(p) + len(suf[k]) + len(hdr[k]) + len(t) <= max_len:
                 st.suffixes.append(np.asarray(suf[k], np.int16))
                 st.headers.append(np.asarray(hdr[k], np.int16))
                 st.texts.append(np.asarray(t, np.int16))
+                kept.append(j)
             k += 1
+        if s.reader is not None and kept:
+            st.reader = s.reader[kept].astype(np.float16)
         if st.suffixes:
             out.append(st)
     return out
@@ -207,7 +245,8 @@ def is_summary(st: StepTokens) -> bool:
 
 def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
                       mix: dict[str, float] | None = None, chunk: int = 200,
-                      meanfield_per_event: int = 0, decay: float = 0.8, window: int = 0) -> list[StepTokens]:
+                      meanfield_per_event: int = 0, decay: float = 0.8, window: int = 0,
+                      reader: LabelModel | None = None) -> list[StepTokens]:
     """Every rollout step of `events` and `meanfield_per_event` summariser rows per event, tokenized (in chunks
     of events, so the text never piles up; per chunk the action rows, then the summariser rows)."""
     rng = random.Random(seed)
@@ -217,7 +256,7 @@ def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed:
     sums: list[SummaryText] = []
     for ev in events:
         for row in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng,
-                               meanfield_per_event=meanfield_per_event, seed=seed, window=window):
+                               meanfield_per_event=meanfield_per_event, seed=seed, window=window, reader=reader):
             (sums if isinstance(row, SummaryText) else buf).append(row)
         if len(buf) >= chunk * 8:
             out.extend(tokenize_steps(tokenizer, buf, max_len))
@@ -366,6 +405,43 @@ def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list
             keep = real > 0
             terms.append((real[keep] * (real[keep].log() - pred[keep].clamp_min(1e-8).log())).sum())
     return torch.stack(terms).mean() if terms else logits.new_zeros(())
+
+
+def reader_kl(logits: torch.Tensor, batch: Packed, targets: list[tuple[np.ndarray | None, int]],
+              cat_ids: list[torch.Tensor]) -> torch.Tensor:
+    """The reader term: per agent and header dimension, KL(the label reader's distribution || the model's over the
+    dimension's categories), mean over (agent, dimension) pairs that have a reader target (the `mf` steps).
+
+    `targets[r]`: row r's (StepTokens.reader or None, its number of agents); agents are numbered across rows
+    in order, as `batch.seg`. A reader fitted on the training split's label shares copies an event's mix where the model
+    shrinks it toward the corpus (issue 14): this pulls each decision toward that reading, per agent, without
+    the sampling noise of a step's real mix (the crowd term's target)."""
+    width = sum(len(c) for c in cat_ids)
+    q = torch.full((batch.n_examples, width), float("nan"))
+    k = 0
+    for t, n in targets:
+        if t is not None:
+            q[k:k + n] = torch.from_numpy(t.astype(np.float32))
+        k += n
+    hdr = (batch.part == 0).nonzero().squeeze(1)
+    seg = batch.seg[hdr]
+    first = torch.zeros_like(seg)
+    first[1:] = (seg[1:] != seg[:-1]).long()
+    order = torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
+    offsets = np.cumsum([0, *(len(c) for c in cat_ids)])
+    terms = []
+    for d, cats in enumerate(cat_ids):
+        at = order == d + 1
+        pos, ex = hdr[at], seg[at]
+        qd = q[ex, offsets[d]:offsets[d + 1]]
+        ok = ~torch.isnan(qd[:, 0])
+        if not bool(ok.any()):
+            continue
+        qd = qd[ok].clamp_min(1e-6)
+        qd = qd / qd.sum(1, keepdim=True)
+        logp = torch.log_softmax(logits[pos[ok]][:, cats].float(), dim=-1)
+        terms.append((qd * (qd.log() - logp)).sum(1))
+    return torch.cat(terms).mean() if terms else logits.new_zeros(())
 
 
 def packed_logits(model, batch: Packed) -> torch.Tensor:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from mfllm.backends.hf.loading import load_weights
 from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json, atomic_write_text
+from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import MINI_MODEL
 from mfllm.simulation.decision import POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
@@ -44,6 +45,7 @@ from mfllm.training.decide.data import (
     is_summary,
     pack,
     packed_logits,
+    reader_kl,
 )
 from mfllm.training.decide.probe import run_probe
 from mfllm.training.mini import load_checkpoint, load_split, save_checkpoint
@@ -80,6 +82,11 @@ class DecideConfig(BaseModel):
                                 "to the per-action loss (0: off, as in the shipped stages 1-3)")
     crowd_window: int = Field(0, ge=0, description="the crowd term's real mix: 0 = the step's own agents; N = the "
                               "N real actions from the step's first on (less sampling noise than one step)")
+    reader_weight: float = Field(0.0, ge=0, description="weight of the reader term: per agent of an mf step and "
+                                 "header dimension, KL(the label reader's distribution || the model's), the reader "
+                                 "being the bench's mf-oracle fitted on the first reader_events training events "
+                                 "(0: off)")
+    reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -113,16 +120,28 @@ def _batches(steps: list[StepTokens], cfg: DecideConfig) -> list[list[int]]:
     return order[: cfg.steps]
 
 
+def _fit_reader(cfg: DecideConfig, work: Path, log):
+    """The label reader of the reader term: the bench's mf-oracle, fitted (or read from `work`) on training events."""
+    from mfllm.bench.fidelity.label_rows import train_side
+
+    _, reader, info = train_side(cfg.data, RulesLabeler(), 48, 16, None, cfg.reader_events, work / "reader", log)
+    if reader is None:
+        raise ConfigError(f"reader_weight: no label reader could be fitted ({info.get('why')})", field="reader_weight")
+    log(f"reader: {info.get('train_actions')} actions, gain {info.get('gain_nats_per_action', 0):.3f} nats/action")
+    return reader
+
+
 def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> tuple[list[StepTokens], dict]:
     path = work / "steps.pkl"
     if path.exists():
         with open(path, "rb") as f:  # our own cache, written below
             return pickle.load(f)
     t0 = time.time()
+    reader = _fit_reader(cfg, work, log) if cfg.reader_weight > 0 else None
     events = load_split(cfg.data, "train", cfg.max_train_events)
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
                               meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay,
-                              window=cfg.crowd_window if cfg.crowd_weight > 0 else 0)
+                              window=cfg.crowd_window if cfg.crowd_weight > 0 else 0, reader=reader)
     n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
             "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
@@ -148,8 +167,9 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
     token_ids = header_token_ids(tokenizer, cfg.lang)
-    if cfg.crowd_weight > 0 and token_ids is None:
-        raise ConfigError("crowd_weight needs every header to be one token per label in the init model's tokenizer",
+    if (cfg.crowd_weight > 0 or cfg.reader_weight > 0) and token_ids is None:
+        raise ConfigError("crowd_weight and reader_weight need every header to be one token per label in the init "
+                          "model's tokenizer",
                           field="crowd_weight")
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
@@ -196,6 +216,10 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
             row_of = [r for r, st in enumerate(rows) for _ in st.suffixes]
             crowd = crowd_kl(logits, batch, row_of, cat_ids, [st.window for st in rows])
             loss = loss + cfg.crowd_weight * crowd
+        reader_term = None
+        if cfg.reader_weight > 0:
+            reader_term = reader_kl(logits, batch, [(st.reader, len(st.suffixes)) for st in rows], cat_ids)
+            loss = loss + cfg.reader_weight * reader_term
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -206,6 +230,8 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         row = {"step": s + 1, "loss": round(loss.item(), 4)}
         if crowd is not None:  # loss = the per-action loss + crowd_weight * crowd
             row["crowd"] = round(crowd.item(), 4)
+        if reader_term is not None:  # and + reader_weight * reader
+            row["reader"] = round(reader_term.item(), 4)
         row |= {"lr": round(_lr(cfg, s), 6), "examples": seen,
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
