@@ -367,6 +367,16 @@ def header_shares(labels: list[dict[str, str]], lang: str = "zh") -> np.ndarray:
     return np.array([sum(x[d] == c for x in labels) / n for d in HEADER_DIMS for c in fmt[d]], np.float32)
 
 
+def header_slots(batch: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the target index of every header token, its example, its slot in the header: 0 = the open marker,
+    1..len(HEADER_DIMS) = the dimensions in order)."""
+    hdr = (batch.part == 0).nonzero().squeeze(1)
+    seg = batch.seg[hdr]
+    first = torch.zeros_like(seg)
+    first[1:] = (seg[1:] != seg[:-1]).long()
+    return hdr, seg, torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
+
+
 def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list[torch.Tensor],
              targets: list[np.ndarray | None] | None = None) -> torch.Tensor:
     """The crowd term: per packed row (one event step) and header dimension, KL(real mix || mean predicted mix).
@@ -379,12 +389,7 @@ def crowd_kl(logits: torch.Tensor, batch: Packed, rows: list[int], cat_ids: list
     right optimum; this term adds the crowd-level error directly, the one a population simulator is scored on.
     Mean over (row, dimension) pairs with at least 2 agents; 0 when there are none.
     """
-    hdr = (batch.part == 0).nonzero().squeeze(1)
-    seg = batch.seg[hdr]
-    # the k-th header position of an example: 0 = open marker, 1..len(HEADER_DIMS) = the dimensions
-    first = torch.zeros_like(seg)
-    first[1:] = (seg[1:] != seg[:-1]).long()
-    order = torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
+    hdr, seg, order = header_slots(batch)
     row_of = torch.tensor(rows)[seg]
     terms = []
     offsets = np.cumsum([0, *(len(c) for c in cat_ids)])
@@ -423,11 +428,7 @@ def reader_kl(logits: torch.Tensor, batch: Packed, targets: list[tuple[np.ndarra
         if t is not None:
             q[k:k + n] = torch.from_numpy(t.astype(np.float32))
         k += n
-    hdr = (batch.part == 0).nonzero().squeeze(1)
-    seg = batch.seg[hdr]
-    first = torch.zeros_like(seg)
-    first[1:] = (seg[1:] != seg[:-1]).long()
-    order = torch.arange(len(seg)) - torch.cummax(first * torch.arange(len(seg)), 0).values
+    hdr, seg, order = header_slots(batch)
     offsets = np.cumsum([0, *(len(c) for c in cat_ids)])
     terms = []
     for d, cats in enumerate(cat_ids):
