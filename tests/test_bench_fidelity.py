@@ -20,7 +20,6 @@ from mfllm.bench.fidelity import (
     FidelitySettings,
     compare_pair,
     label_rows,
-    mf_oracle,
     parse_methods,
     parse_variant,
     relative_kl,
@@ -34,6 +33,7 @@ from mfllm.data.schema import Action, Profile
 from mfllm.errors import ConfigError
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation.metrics import FAIR, PAPER
+from mfllm.labels import reader as mf_oracle
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.paths import MINI_MODEL, SAMPLE_DATA

@@ -251,7 +251,7 @@ def _random_reader(events, seed=0):
     """A label reader (the mf-oracle's model class) with random weights: the reader term only needs its probs."""
     import numpy as np
 
-    from mfllm.bench.fidelity import mf_oracle
+    from mfllm.labels import reader as mf_oracle
     from mfllm.labels.dimensions import DIMENSIONS
 
     n = len(mf_oracle.Shares().features()) + len(mf_oracle.state_features(events[0].actions[0]))
@@ -264,7 +264,7 @@ def test_reader_targets_are_the_readers_distribution_given_the_real_shares_befor
 
     import numpy as np
 
-    from mfllm.bench.fidelity import mf_oracle
+    from mfllm.labels import reader as mf_oracle
 
     reader = _random_reader(events)
     ev = events[0]

@@ -4,8 +4,8 @@ scored beside the LLM-free rows under one fair rule (and the paper's); one table
 ``run_fidelity(FidelitySettings(...))`` (CLI: ``mfllm bench fidelity``); docs/results.md. Modules:
 :mod:`.rows` (the row mini-language), :mod:`.settings` (the settings model and its command),
 :mod:`.run` (simulating the replicas, resumable), :mod:`.controls` (the mean-field diagnostics'
-interventions), :mod:`.label_rows` / :mod:`.mf_oracle` (the LLM-free rows), :mod:`.aggregate` and
-:mod:`.stats` (tables, relative KL, paired bootstrap), :mod:`.cost`, :mod:`.report` (results.md),
+interventions), :mod:`.label_rows` (the LLM-free rows; ``mf-oracle`` runs :mod:`mfllm.labels.reader`),
+:mod:`.aggregate` and :mod:`.stats` (tables, relative KL, paired bootstrap), :mod:`.cost`, :mod:`.report` (results.md),
 :mod:`.bench` (the whole bench).
 
 The names below are loaded on first use, so that the CLI can read the settings model's defaults

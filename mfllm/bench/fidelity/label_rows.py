@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mfllm.bench.fidelity import mf_oracle
 from mfllm.data.load import load_events
 from mfllm.data.schema import Action, Event
 from mfllm.evaluation import distributions as D
 from mfllm.evaluation.evaluate import build_event_labels, evaluate_event, label_texts
 from mfllm.evaluation.metrics import Scoring
 from mfllm.files import atomic_open, atomic_write_json
+from mfllm.labels import reader as mf_oracle
 from mfllm.labels.base import ActionLabels, Labeler
 from mfllm.seeds import derive_seed
 from mfllm.simulation.steps import plan_steps

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mfllm.bench.fidelity.mf_oracle import LabelModel
-from mfllm.bench.fidelity.mf_oracle import Shares as ReaderShares
-from mfllm.bench.fidelity.mf_oracle import state_features as reader_state_features
 from mfllm.data.schema import Event
 from mfllm.data.state import agent_state_text
 from mfllm.labels.dimensions import DIMENSIONS
+from mfllm.labels.reader import LabelModel
+from mfllm.labels.reader import Shares as ReaderShares
+from mfllm.labels.reader import state_features as reader_state_features
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, policy_prefix, policy_suffix
 from mfllm.seeds import derived_rng

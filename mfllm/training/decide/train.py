@@ -37,6 +37,7 @@ from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import MINI_MODEL
 from mfllm.simulation.decision import POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
+from mfllm.simulation.steps import plan_steps
 from mfllm.training.decide.data import (
     StepTokens,
     build_step_tokens,
@@ -84,7 +85,8 @@ class DecideConfig(BaseModel):
                               "N real actions from the step's first on (less sampling noise than one step)")
     reader_weight: float = Field(0.0, ge=0, description="weight of the reader term: per agent of an mf step and "
                                  "header dimension, KL(the label reader's distribution || the model's), the reader "
-                                 "being the bench's mf-oracle fitted on the first reader_events training events "
+                                 "being mfllm.labels.reader (the bench's mf-oracle) fitted on the first reader_events "
+                                 "training events "
                                  "(0: off)")
     reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
@@ -120,14 +122,25 @@ def _batches(steps: list[StepTokens], cfg: DecideConfig) -> list[list[int]]:
     return order[: cfg.steps]
 
 
-def _fit_reader(cfg: DecideConfig, work: Path, log):
-    """The label reader of the reader term: the bench's mf-oracle, fitted (or read from `work`) on training events."""
-    from mfllm.bench.fidelity.label_rows import train_side
+def _fit_reader(cfg: DecideConfig, log):
+    """The reader term's label reader (mfllm.labels.reader, the bench's mf-oracle model), fitted on the first
+    `reader_events` training events: every action, teacher forced, its shares through the step before."""
+    from mfllm.labels import reader as label_reader
 
-    _, reader, info = train_side(cfg.data, RulesLabeler(), 48, 16, None, cfg.reader_events, work / "reader", log)
-    if reader is None:
-        raise ConfigError(f"reader_weight: no label reader could be fitted ({info.get('why')})", field="reader_weight")
-    log(f"reader: {info.get('train_actions')} actions, gain {info.get('gain_nats_per_action', 0):.3f} nats/action")
+    events = load_split(cfg.data, "train", cfg.reader_events)
+    labeler, xs, ys = RulesLabeler(), [], []
+    for ev in events:
+        steps = [st.actions for st in plan_steps(ev.actions, step_size=16, warmup=48)]
+        labs = iter(labeler.label([a.text for acts in steps for a in acts]))
+        x, y = label_reader.training_rows([[(a, next(labs)) for a in acts] for acts in steps])
+        xs += x
+        ys += y
+    if not xs:
+        raise ConfigError(f"reader_weight: no training-split actions in {cfg.data} to fit the label reader on",
+                          field="reader_weight")
+    reader = label_reader.fit(xs, ys)
+    log(f"reader: fitted on {len(xs)} actions of {len(events)} training events, "
+        f"gain {reader.fit_info['gain_nats_per_action']:.3f} nats/action")
     return reader
 
 
@@ -137,7 +150,7 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
         with open(path, "rb") as f:  # our own cache, written below
             return pickle.load(f)
     t0 = time.time()
-    reader = _fit_reader(cfg, work, log) if cfg.reader_weight > 0 else None
+    reader = _fit_reader(cfg, log) if cfg.reader_weight > 0 else None
     events = load_split(cfg.data, "train", cfg.max_train_events)
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
                               meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay,

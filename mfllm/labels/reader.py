@@ -1,10 +1,11 @@
-"""``mf-oracle``: what a perfect *reader* of the mean field would reach at the label level.
+"""The label reader: what a perfect *reader* of the mean field would decide, at the label level.
 
-A multinomial logistic regression per label dimension, fitted on the training split only: the next
+The bench's ``mf-oracle`` row runs it closed loop (``mfllm.bench.fidelity.label_rows``); ``mfllm train
+decide``'s reader term uses its per-agent distributions as targets. A multinomial logistic regression per label dimension, fitted on the training split only: the next
 action's category from the step-lagged mean-field label shares (the ``stats`` mean field's counts of
 every category, through the previous step, at the default policy's memory: decay 1), their logs (so
 the reader can copy a mix: p = share is linear in log shares) and the agent's state (profile numbers,
-repost depth). Run closed loop on an event: the warm-up's real labels fill the shares; each rollout step's
+repost depth). Run closed loop on an event (``closed_loop``): the warm-up's real labels fill the shares; each rollout step's
 agents draw their labels from the model, and the drawn labels update the shares for the next step.
 """
 
