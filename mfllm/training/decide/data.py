@@ -102,14 +102,12 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     history = History(window=max(m.history_window for m in METHODS.values()))
     mf = mf_model.initial(lang)
     plan = list(plan_steps(event.actions, step_size=step_size, warmup=warmup))
-    # labelled once, up front: a step's crowd target reaches into the steps after it
-    all_labels = labeler.label([a.text for st in plan for a in st.actions]) if reader is not None else None
-    rollout_labels = ([lab.labels for st, labs in zip(plan, _per_step(plan, all_labels), strict=True)
-                       if st.phase == "rollout" for lab in labs] if all_labels is not None else
-                      [lab.labels for lab in labeler.label([a.text for st in plan if st.phase == "rollout"
-                                                             for a in st.actions])])
+    # labelled once, up front: a step's crowd target reaches into the steps after it, the reader's shares
+    # count the warm-up's labels too
+    step_labels = _per_step(plan, labeler.label([a.text for st in plan for a in st.actions]))
+    rollout_labels = [lab.labels for st, labs in zip(plan, step_labels, strict=True) if st.phase == "rollout"
+                      for lab in labs]
     shares = ReaderShares() if reader is not None else None
-    step_labels = _per_step(plan, all_labels) if all_labels is not None else None
     done = 0
     replay = set()
     if meanfield_per_event > 0:
@@ -142,7 +140,8 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
             history.add(a.action_id, a.text, a.parent, a.profile.followers, a.time)
 
 
-def _per_step(plan, labels):
+def _per_step(plan, labels: list) -> list[list]:
+    """A flat list over the plan's actions, cut into one list per step."""
     out, k = [], 0
     for st in plan:
         out.append(labels[k:k + len(st.actions)])
