@@ -1,18 +1,21 @@
 """The label reader: what a perfect *reader* of the mean field would decide, at the label level.
 
 The bench's ``mf-oracle`` row runs it closed loop (``mfllm.bench.fidelity.label_rows``); ``mfllm train
-decide``'s reader term uses its per-agent distributions as targets. A multinomial logistic regression per label dimension, fitted on the training split only: the next
+decide``'s reader term uses its per-agent distributions as targets.
+
+A multinomial logistic regression per label dimension, fitted on the training split only: the next
 action's category from the step-lagged mean-field label shares (the ``stats`` mean field's counts of
 every category, through the previous step, at the default policy's memory: decay 1), their logs (so
 the reader can copy a mix: p = share is linear in log shares) and the agent's state (profile numbers,
-repost depth). Run closed loop on an event (``closed_loop``): the warm-up's real labels fill the shares; each rollout step's
-agents draw their labels from the model, and the drawn labels update the shares for the next step.
+repost depth). Run closed loop on an event (``closed_loop``): the warm-up's real labels fill the
+shares; each rollout step's agents draw their labels from the model, and the drawn labels update the
+shares for the next step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +96,19 @@ class LabelModel:
     @classmethod
     def from_npz(cls, z, fit_info: dict) -> LabelModel:
         return cls({d: np.asarray(z[f"w_{d}"]) for d in DIMENSIONS}, fit_info)
+
+
+def fit_events(events: Iterable[Sequence[Sequence[tuple[Action, ActionLabels | None]]]]) -> LabelModel:
+    """The reader fitted on events given as labelled steps (each event: its steps in order, each step its
+    (action, labels) pairs), every action teacher forced (`training_rows`)."""
+    xs, ys = [], []
+    for steps in events:
+        x, y = training_rows(steps)
+        xs += x
+        ys += y
+    if not xs:
+        raise ValueError("the label reader needs at least one labelled action")
+    return fit(xs, ys)
 
 
 def training_rows(steps: Sequence[Sequence[tuple[Action, ActionLabels | None]]]) -> tuple[list, list]:

@@ -24,7 +24,7 @@ import torch
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL
 from mfllm.simulation.decision import HEADER_DIMS
-from mfllm.training.decide.data import header_token_ids, pack, packed_logits
+from mfllm.training.decide.data import header_slots, header_token_ids, pack, packed_logits
 from mfllm.training.decide.probe import condition_prefixes, probe_setup
 
 WARMUP = 48  # probe_steps' warm-up (event_steps' default)
@@ -59,13 +59,12 @@ def main() -> None:
             chunk = toks[i:i + 4]
             logits = {c: packed_logits(model, pack(chunk, prefixes=p[i:i + 4])) for c, p in pre.items()}
             b = pack(chunk, prefixes=pre["own"][i:i + 4])
-            header_at = collections.defaultdict(list)  # example -> its header positions (open marker first)
-            for n in (b.part == 0).nonzero().squeeze(1).tolist():
-                header_at[int(b.seg[n])].append(n)
+            hdr, seg, slot = header_slots(b)
+            header_at = {(int(e), int(k)): int(n) for n, e, k in zip(hdr, seg, slot, strict=True)}
             ex = [(steps[i + k].event_id, lab) for k in range(len(chunk)) for lab in steps[i + k].labels[:len(chunk[k].suffixes)]]
             for e, (eid, labels) in enumerate(ex):
                 for k, d in enumerate(HEADER_DIMS):
-                    n = header_at[e][1 + k]
+                    n = header_at[(e, 1 + k)]
                     real[eid][d][names[d].index(labels[d])] += 1
                     for g in gammas:
                         lg = (1 + g) * logits["own"][n] - (g * logits["empty"][n] if g else 0.0)

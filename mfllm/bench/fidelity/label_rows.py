@@ -169,14 +169,9 @@ def train_side(data: str, labeler: Labeler, warmup: int, step_size: int, max_age
         info = json.loads(meta.read_text(encoding="utf-8"))
         with np.load(npz) as z:
             return pool, mf_oracle.LabelModel.from_npz(z, info), info
-    xs, ys = [], []
-    for w, r in cut:
-        x, y = mf_oracle.training_rows([[(a, labels.get(a.text)) for a in acts] for _, acts in (*w, *r)])
-        xs += x
-        ys += y
     if log:
-        log(f"mf-oracle: fitting on {len(xs)} actions of {len(res.events)} training events")
-    model = mf_oracle.fit(xs, ys)
+        log(f"mf-oracle: fitting on {len(pool)} actions of {len(res.events)} training events")
+    model = mf_oracle.fit_events([[(a, labels.get(a.text)) for a in acts] for _, acts in (*w, *r)] for w, r in cut)
     info = {"train_events": len(res.events), "train_actions": len(pool), **model.fit_info, "cache": str(npz)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(npz, "wb") as f:

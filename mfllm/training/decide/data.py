@@ -154,8 +154,7 @@ def reader_targets(reader: LabelModel, shares: ReaderShares, actions, lang: str 
     dimension in `header_shares`' order (HEADER_DIMS, decision.json's category order)."""
     f = shares.features()
     pr = reader.probs(np.array([f + reader_state_features(a) for a in actions]))
-    fmt = header_format(lang)["labels"]
-    cols = [pr[d][:, DIMENSIONS[d].index(c)] for d in HEADER_DIMS for c in fmt[d]]
+    cols = [pr[d][:, DIMENSIONS[d].index(c)] for d, c in header_categories(lang)]
     return np.stack(cols, 1).astype(np.float32)
 
 
@@ -361,9 +360,15 @@ def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None
 def header_shares(labels: list[dict[str, str]], lang: str = "zh") -> np.ndarray:
     """The share of each header category among `labels`, dimension after dimension (HEADER_DIMS, and each
     dimension's categories in decision.json's order: the order of `header_token_ids`), as one float32 array."""
-    fmt = header_format(lang)["labels"]
     n = max(len(labels), 1)
-    return np.array([sum(x[d] == c for x in labels) / n for d in HEADER_DIMS for c in fmt[d]], np.float32)
+    return np.array([sum(x[d] == c for x in labels) / n for d, c in header_categories(lang)], np.float32)
+
+
+def header_categories(lang: str = "zh") -> list[tuple[str, str]]:
+    """(dimension, category) of every header category: HEADER_DIMS in order, each dimension's categories in
+    decision.json's order (the order of `header_token_ids`, `header_shares` and `reader_targets`)."""
+    fmt = header_format(lang)["labels"]
+    return [(d, c) for d in HEADER_DIMS for c in fmt[d]]
 
 
 def header_slots(batch: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -417,9 +422,9 @@ def reader_kl(logits: torch.Tensor, batch: Packed, targets: list[tuple[np.ndarra
     dimension's categories), mean over (agent, dimension) pairs that have a reader target (the `mf` steps).
 
     `targets[r]`: row r's (StepTokens.reader or None, its number of agents); agents are numbered across rows
-    in order, as `batch.seg`. A reader fitted on the training split's label shares copies an event's mix where the model
-    shrinks it toward the corpus (issue 14): this pulls each decision toward that reading, per agent, without
-    the sampling noise of a step's real mix (the crowd term's target)."""
+    in order, as `batch.seg`. A reader fitted on the training split's label shares copies an event's mix
+    where the model shrinks it toward the corpus (issue 14): this pulls each decision toward that reading,
+    per agent, without the sampling noise of a step's real mix (the crowd term's target)."""
     width = sum(len(c) for c in cat_ids)
     q = torch.full((batch.n_examples, width), float("nan"))
     k = 0

@@ -85,9 +85,8 @@ class DecideConfig(BaseModel):
                               "N real actions from the step's first on (less sampling noise than one step)")
     reader_weight: float = Field(0.0, ge=0, description="weight of the reader term: per agent of an mf step and "
                                  "header dimension, KL(the label reader's distribution || the model's), the reader "
-                                 "being mfllm.labels.reader (the bench's mf-oracle) fitted on the first reader_events "
-                                 "training events "
-                                 "(0: off)")
+                                 "being mfllm.labels.reader (the bench's mf-oracle) fitted on the first "
+                                 "reader_events training events (0: off)")
     reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
@@ -128,18 +127,19 @@ def _fit_reader(cfg: DecideConfig, log):
     from mfllm.labels import reader as label_reader
 
     events = load_split(cfg.data, "train", cfg.reader_events)
-    labeler, xs, ys = RulesLabeler(), [], []
-    for ev in events:
+    labeler = RulesLabeler()
+
+    def labelled(ev):
         steps = [st.actions for st in plan_steps(ev.actions, step_size=16, warmup=48)]
         labs = iter(labeler.label([a.text for acts in steps for a in acts]))
-        x, y = label_reader.training_rows([[(a, next(labs)) for a in acts] for acts in steps])
-        xs += x
-        ys += y
-    if not xs:
+        return [[(a, next(labs)) for a in acts] for acts in steps]
+
+    try:
+        reader = label_reader.fit_events(map(labelled, events))
+    except ValueError:
         raise ConfigError(f"reader_weight: no training-split actions in {cfg.data} to fit the label reader on",
-                          field="reader_weight")
-    reader = label_reader.fit(xs, ys)
-    log(f"reader: fitted on {len(xs)} actions of {len(events)} training events, "
+                          field="reader_weight") from None
+    log(f"reader: fitted on {reader.fit_info['n']} actions of {len(events)} training events, "
         f"gain {reader.fit_info['gain_nats_per_action']:.3f} nats/action")
     return reader
 
@@ -182,8 +182,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     token_ids = header_token_ids(tokenizer, cfg.lang)
     if (cfg.crowd_weight > 0 or cfg.reader_weight > 0) and token_ids is None:
         raise ConfigError("crowd_weight and reader_weight need every header to be one token per label in the init "
-                          "model's tokenizer",
-                          field="crowd_weight")
+                          "model's tokenizer", field="crowd_weight" if cfg.crowd_weight > 0 else "reader_weight")
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
