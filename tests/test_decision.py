@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from helpers.packing import unpacked_nll
 
 from mfllm.data.load import load_events
+from mfllm.labels import reader as mf_oracle
 from mfllm.labels.base import ActionLabels
+from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL, MINI_MODEL, SAMPLE_DATA
 from mfllm.simulation.decision import (
@@ -249,23 +254,12 @@ def test_crowd_target_over_a_window_of_real_actions(events, decide):
 
 def _random_reader(events, seed=0):
     """A label reader (the mf-oracle's model class) with random weights: the reader term only needs its probs."""
-    import numpy as np
-
-    from mfllm.labels import reader as mf_oracle
-    from mfllm.labels.dimensions import DIMENSIONS
-
     n = len(mf_oracle.Shares().features()) + len(mf_oracle.state_features(events[0].actions[0]))
     rng = np.random.default_rng(seed)
     return mf_oracle.LabelModel({d: rng.normal(size=(n, len(c))) for d, c in DIMENSIONS.items()}, {})
 
 
 def test_reader_targets_are_the_readers_distribution_given_the_real_shares_before_the_step(events):
-    import random
-
-    import numpy as np
-
-    from mfllm.labels import reader as mf_oracle
-
     reader = _random_reader(events)
     ev = events[0]
     steps = list(event_steps(ev, step_size=8, reader=reader, mix={"mf": 0.5, "state": 0.5}, rng=random.Random(3)))
@@ -281,15 +275,12 @@ def test_reader_targets_are_the_readers_distribution_given_the_real_shares_befor
     acts = ev.actions[st.step * 8:st.step * 8 + len(st.agents)]
     pr = reader.probs(np.array([sh.features() + mf_oracle.state_features(a) for a in acts]))
     fmt = header_format("zh")["labels"]
-    from mfllm.labels.dimensions import DIMENSIONS
     want = np.stack([pr[d][:, DIMENSIONS[d].index(c)] for d in HEADER_DIMS for c in fmt[d]], 1)
     assert np.allclose(st.reader, want, atol=1e-6)
     assert np.allclose(st.reader[:, :2].sum(1), 1) and np.allclose(st.reader[:, -6:].sum(1), 1)
 
 
 def test_reader_term_is_each_agents_kl_to_the_reader_and_zero_when_the_model_agrees(events, decide):
-    import random
-
     reader = _random_reader(events, seed=1)
     steps = list(event_steps(events[0], reader=reader, mix={"mf": 0.5, "state": 0.5}, rng=random.Random(3)))[:3]
     for s in steps:
