@@ -97,6 +97,30 @@ def test_train_decide_with_the_reader_term_fits_a_label_reader_on_the_training_s
     assert info["config"]["reader_weight"] == 40.0
 
 
+def test_train_decide_with_the_contrast_term_logs_it_and_refuses_unknown_dimensions(tmp_path):
+    """`contrast_weight` > 0: each step also scores every text after a changed header and logs the term; a
+    `contrast_dims` entry that is not a header dimension is refused before any training, naming the field."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
+    base = {"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1, "meanfield_decay": 1.0,
+            "contrast_weight": 5.0, "init": str(DECIDE)}
+    cfg = tmp_path / "decide.json"
+    cfg.write_text(json.dumps(base))
+    res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "model"),
+                                   "--steps", "10", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    terms = [float(x) for x in re.findall(r'"contrast": ([0-9.]+)', res.output)]
+    assert len(terms) == 1 and terms[0] > 0
+    info = json.loads((tmp_path / "model" / "training_info.json").read_text(encoding="utf-8"))
+    assert info["config"]["contrast_dims"] == ["stance", "belief_degree", "sentiment_state"]
+    cfg.write_text(json.dumps(base | {"contrast_dims": ["stance", "mood"]}))
+    bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "bad"),
+                                   "--steps", "10", "--config", str(cfg)])
+    assert bad.exit_code != 0 and "contrast_dims" in bad.output and "mood" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "bad" / "model.safetensors").exists()
+
+
 def test_every_entry_point_runs_a_decide_model_the_same_way():
     """bench fidelity and forecast/intervene build the same SimConfig from a decide model folder as simulate:
     header on, the compact mean field unless another one (llm) was chosen; mfllm-mini changes nothing."""

@@ -278,26 +278,46 @@ class Packed:
     src: torch.Tensor  # [N] flat index (b * L + j) of the position whose logits predict a target token
     tgt: torch.Tensor  # [N] the target token
     weight: torch.Tensor  # [N] loss weight
-    part: torch.Tensor  # [N] 0 = header token, 1 = text token
+    part: torch.Tensor  # [N] 0 = header token, 1 = text token, 2 = a contrast copy's text token
     seg: torch.Tensor  # [N] which example (global index over the batch's agents, in order)
     n_examples: int
+    neg_of: torch.Tensor | None = None  # [M] the example each contrast copy m belongs to (its tokens: part 2, seg -(m+1))
 
 
-def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.ndarray] | None = None) -> Packed:
-    """Pack steps into rows (one per step). `prefixes` replaces each step's prefix (probe: another context)."""
+def _flip_one(h: np.ndarray, cat_ids: list[list[int] | None], rng: np.random.Generator) -> np.ndarray:
+    """`h` (open, one token per dimension, close) with one random dimension (those with ids) set to another category."""
+    out = h.copy()
+    dims = [i for i, c in enumerate(cat_ids) if c]
+    d = dims[int(rng.integers(len(dims)))]
+    others = [t for t in cat_ids[d] if t != int(h[1 + d])]
+    out[1 + d] = others[int(rng.integers(len(others)))]
+    return out
+
+
+def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.ndarray] | None = None,
+         contrast: tuple[list[list[int] | None], np.random.Generator] | None = None) -> Packed:
+    """Pack steps into rows (one per step). `prefixes` replaces each step's prefix (probe: another context).
+    `contrast` (category token ids per header dimension, rng): every agent also gets a copy of its text after
+    a header with one dimension changed (weight 0; its text tokens are part 2, seg -(m+1))."""
     rows = []
     for i, st in enumerate(steps):
         p = prefixes[i] if prefixes is not None else st.prefix
-        rows.append((p, st))
+        if contrast is not None and st.headers and len(st.headers[0]) == len(contrast[0]) + 2:
+            negs = [_flip_one(h, contrast[0], contrast[1]) for h in st.headers]
+        else:
+            negs = []
+        rows.append((p, st, negs))
     lengths = [len(p) + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, st.headers, st.texts, strict=True))
-               for p, st in rows]
+               + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, negs, st.texts, strict=False))
+               for p, st, negs in rows]
     B, L = len(rows), max(lengths)
     ids = np.zeros((B, L), np.int64)
     pos = np.zeros((B, L), np.int64)
     segid = np.full((B, L), -1, np.int64)
     src, tgt, weight, part, seg = [], [], [], [], []
     ex = 0
-    for b, (p, st) in enumerate(rows):
+    neg_of = []
+    for b, (p, st, negs) in enumerate(rows):
         P = len(p)
         ids[b, :P] = p
         pos[b, :P] = np.arange(P)
@@ -319,13 +339,43 @@ def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.
                 seg.append(ex)
             ex += 1
             j += n
+        base = ex - len(st.suffixes)
+        for k, h in enumerate(negs):
+            s, t = st.suffixes[k], st.texts[k]
+            toks = np.concatenate([s, h, t]).astype(np.int64)
+            n = len(toks)
+            ids[b, j:j + n] = toks
+            pos[b, j:j + n] = np.arange(P, P + n)
+            segid[b, j:j + n] = len(st.suffixes) + k + 1
+            m = len(neg_of)
+            for q in range(j + len(s) + len(h), j + n):  # the text tokens only
+                src.append(b * L + q - 1)
+                tgt.append(ids[b, q])
+                part.append(2)
+                weight.append(0.0)
+                seg.append(-(m + 1))
+            neg_of.append(base + k)
+            j += n
     sid = torch.from_numpy(segid)
     q_seg, k_seg = sid[:, :, None], sid[:, None, :]
     causal = torch.ones(L, L, dtype=torch.bool).tril()[None]
     mask = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
     mask |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty softmax)
     return Packed(torch.from_numpy(ids), torch.from_numpy(pos), mask[:, None], torch.tensor(src), torch.tensor(tgt),
-                  torch.tensor(weight, dtype=torch.float32), torch.tensor(part), torch.tensor(seg), ex)
+                  torch.tensor(weight, dtype=torch.float32), torch.tensor(part), torch.tensor(seg), ex,
+                  torch.tensor(neg_of, dtype=torch.long) if neg_of else None)
+
+
+def contrast_term(nll: torch.Tensor, batch: Packed) -> torch.Tensor:
+    """-log sigma(NLL(text | changed header) - NLL(text | own header)), mean over the contrast copies: the text
+    should be likelier after its own header than after one with a dimension changed (the text follows the header)."""
+    if batch.neg_of is None:
+        return nll.new_zeros(())
+    own = batch.part == 1
+    pos = nll.new_zeros(batch.n_examples).index_add(0, batch.seg[own], nll[own])
+    neg_t = batch.part == 2
+    neg = nll.new_zeros(len(batch.neg_of)).index_add(0, -batch.seg[neg_t] - 1, nll[neg_t])
+    return torch.nn.functional.softplus(pos[batch.neg_of] - neg).mean()
 
 
 def packed_nll(model, batch: Packed) -> torch.Tensor:

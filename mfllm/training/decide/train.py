@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -35,12 +36,13 @@ from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import MINI_MODEL
-from mfllm.simulation.decision import POLICY_FILE
+from mfllm.simulation.decision import HEADER_DIMS, POLICY_FILE
 from mfllm.simulation.meanfield import CompactStatsMeanField
 from mfllm.simulation.steps import plan_steps
 from mfllm.training.decide.data import (
     StepTokens,
     build_step_tokens,
+    contrast_term,
     crowd_kl,
     header_token_ids,
     is_summary,
@@ -87,6 +89,13 @@ class DecideConfig(BaseModel):
                                  "header dimension, KL(the label reader's distribution || the model's), the reader "
                                  "being mfllm.labels.reader (the bench's mf-oracle) fitted on the first "
                                  "reader_events training events (0: off)")
+    contrast_weight: float = Field(0.0, ge=0, description="weight of the contrast term: -log sigmoid(NLL(text | its "
+                                   "header with one of contrast_dims changed) - NLL(text | its own header)), mean over "
+                                   "agents (0: off). It makes the text carry out the header's decision")
+    # behaviour is left out by default: with it, the repost decision broke (20 val events, 8-dimension header:
+    # behaviour KL 0.09 -> 0.24, the text no longer a plain repost after a repost header)
+    contrast_dims: list[str] = Field(default_factory=lambda: [d for d in HEADER_DIMS if d != "behavior_type"],
+                                     description="header dimensions a contrast copy may change")
     reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
@@ -180,10 +189,19 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
     token_ids = header_token_ids(tokenizer, cfg.lang)
-    if (cfg.crowd_weight > 0 or cfg.reader_weight > 0) and token_ids is None:
-        raise ConfigError("crowd_weight and reader_weight need every header to be one token per label in the init "
-                          "model's tokenizer", field="crowd_weight" if cfg.crowd_weight > 0 else "reader_weight")
+    asked = [f for f in ("crowd_weight", "reader_weight", "contrast_weight") if getattr(cfg, f) > 0]
+    if asked and token_ids is None:
+        raise ConfigError(f"{asked[0]} needs every header to be one token per label in the init model's tokenizer",
+                          field=asked[0])
+    unknown = sorted(set(cfg.contrast_dims) - set(HEADER_DIMS))
+    if cfg.contrast_weight > 0 and (unknown or not cfg.contrast_dims):
+        what = f"unknown dimension(s) {', '.join(unknown)}" if unknown else "no dimension"
+        raise ConfigError(f"{what}; a header's dimensions are {', '.join(HEADER_DIMS)}", field="contrast_dims")
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
+    # the categories a contrast copy may switch to, per header dimension (None: that dimension is never changed)
+    contrast_ids = [list(ids.values()) if d in cfg.contrast_dims else None
+                    for d, ids in zip(HEADER_DIMS, token_ids or [], strict=False)]
+    contrast_rng = np.random.default_rng(cfg.seed + 7)  # which dimension each copy changes (a resumed run redraws)
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
     val_events = load_split(cfg.data, "val")
@@ -218,7 +236,8 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
             g["lr"] = _lr(cfg, s)
         hw = cfg.early_header_weight if s < cfg.early_steps and cfg.early_header_weight is not None else cfg.header_weight
         rows = [steps[i] for i in order[s]]
-        batch = pack(rows, header_weight=hw)
+        batch = pack(rows, header_weight=hw,
+                     contrast=(contrast_ids, contrast_rng) if cfg.contrast_weight > 0 else None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = packed_logits(model, batch)
         nll = torch.nn.functional.cross_entropy(logits.float(), batch.tgt, reduction="none")
@@ -228,6 +247,10 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
             row_of = [r for r, st in enumerate(rows) for _ in st.suffixes]
             crowd = crowd_kl(logits, batch, row_of, cat_ids, [st.window for st in rows])
             loss = loss + cfg.crowd_weight * crowd
+        con = None
+        if cfg.contrast_weight > 0:
+            con = contrast_term(nll, batch)
+            loss = loss + cfg.contrast_weight * con
         reader_term = None
         if cfg.reader_weight > 0:
             reader_term = reader_kl(logits, batch, [(st.reader, len(st.suffixes)) for st in rows], cat_ids)
@@ -244,6 +267,8 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
             row["crowd"] = round(crowd.item(), 4)
         if reader_term is not None:  # and + reader_weight * reader
             row["reader"] = round(reader_term.item(), 4)
+        if con is not None:
+            row["contrast"] = round(con.item(), 4)
         row |= {"lr": round(_lr(cfg, s), 6), "examples": seen,
                "train_seconds": round(train_s, 1), "examples_per_s": round(seen / max(train_s, 1e-9), 2)}
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
