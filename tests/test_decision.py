@@ -317,25 +317,32 @@ def test_reader_term_is_each_agents_kl_to_the_reader_and_zero_when_the_model_agr
 
 
 def test_contrast_copies_score_the_text_after_a_header_with_one_dimension_changed(events):
-    """`pack(contrast=...)`: each agent's text is packed a second time after its header with one allowed dimension
-    switched to another category. The copies leave every own token's NLL as it was, a copy's text NLL equals the
-    unpacked one after that header, and the term is the mean of -log sigmoid(NLL(copy) - NLL(own))."""
+    """`pack(contrast=...)`: each agent's text (plain reposts excepted) is packed a second time after its header with
+    one allowed dimension switched to another category. The copies leave every own token's NLL as it was, a copy's
+    text NLL equals the unpacked one after that header, and the term is the mean of -log sigmoid(NLL(copy) - NLL(own))."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from mfllm.training.decide.data import packed_nll
+    from mfllm.training.decide.data import Contrast, packed_nll
 
     tok = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
-    steps = [s for ev in events[:2] for s in event_steps(ev)][:2]
-    for s in steps:
-        s.agents, s.labels = s.agents[:4], s.labels[:4]
+    steps = [s for ev in events for s in event_steps(ev)
+             if any(lab["behavior_type"] == "share" for lab in s.labels)][:2]
+    for s in steps:  # three plain reposts and three comments a step, at most
+        pick = ([j for j, lab in enumerate(s.labels) if lab["behavior_type"] == "share"][:3]
+                + [j for j, lab in enumerate(s.labels) if lab["behavior_type"] == "comment"][:3])
+        s.agents, s.labels = [s.agents[j] for j in sorted(pick)], [s.labels[j] for j in sorted(pick)]
     toks = tokenize_steps(tok, steps, max_len=320)
-    ids = [list(d.values()) for d in header_token_ids(tok)]
-    allowed = [None if d == "behavior_type" else c for d, c in zip(HEADER_DIMS, ids, strict=True)]
+    ids = header_token_ids(tok)
+    allowed = [None if d == "behavior_type" else list(c.values()) for d, c in zip(HEADER_DIMS, ids, strict=True)]
+    b = HEADER_DIMS.index("behavior_type")
+    share = (b, ids[b]["share"])
     plain = pack(toks, header_weight=10.0)
-    both = pack(toks, header_weight=10.0, contrast=(allowed, np.random.default_rng(0)))
-    n = sum(len(t.suffixes) for t in toks)
-    assert both.n_examples == plain.n_examples == n and both.neg_of.tolist() == list(range(n))
+    both = pack(toks, header_weight=10.0, contrast=Contrast(allowed, np.random.default_rng(0), share))
+    agents = [(i, k) for i, t in enumerate(toks) for k in range(len(t.suffixes))]
+    kept = [n for n, (i, k) in enumerate(agents) if int(toks[i].headers[k][1 + b]) != share[1]]
+    assert 0 < len(kept) < len(agents)  # the sample has both comments and plain reposts
+    assert both.n_examples == plain.n_examples == len(agents) and both.neg_of.tolist() == kept
     with torch.no_grad():
         nll0, nll1 = packed_nll(model, plain), packed_nll(model, both)
     own = both.part != 2
@@ -343,22 +350,23 @@ def test_contrast_copies_score_the_text_after_a_header_with_one_dimension_change
     assert float(both.weight[~own].abs().sum()) == 0.0  # and add nothing to the per-action loss
     # the first copy, unpacked: prefix + suffix + the changed header + the same text
     rng = np.random.default_rng(0)
-    st = toks[0]
-    dims = [i for i, c in enumerate(allowed) if c]
+    i, k = agents[kept[0]]
+    st = toks[i]
+    dims = [j for j, c in enumerate(allowed) if c]
     d = dims[int(rng.integers(len(dims)))]
-    others = [t for t in allowed[d] if t != int(st.headers[0][1 + d])]
-    changed = st.headers[0].copy()
+    others = [t for t in allowed[d] if t != int(st.headers[k][1 + d])]
+    changed = st.headers[k].copy()
     changed[1 + d] = others[int(rng.integers(len(others)))]
-    assert HEADER_DIMS[d] != "behavior_type" and int((changed != st.headers[0]).sum()) == 1
-    seq = np.concatenate([st.prefix, st.suffixes[0], changed, st.texts[0]]).astype(np.int64)
+    assert HEADER_DIMS[d] != "behavior_type" and int((changed != st.headers[k]).sum()) == 1
+    seq = np.concatenate([st.prefix, st.suffixes[k], changed, st.texts[k]]).astype(np.int64)
     with torch.no_grad():
         lg = model(torch.from_numpy(seq)[None]).logits[0]
     ref = torch.nn.functional.cross_entropy(lg[:-1], torch.from_numpy(seq[1:]), reduction="none")
-    ref_text = float(ref[len(seq) - len(st.texts[0]) - 1:].sum())
+    ref_text = float(ref[len(seq) - len(st.texts[k]) - 1:].sum())
     assert abs(float(nll1[both.seg == -1].sum()) - ref_text) < 1e-3
     # the term, by hand
-    own_text = [float(nll1[(both.part == 1) & (both.seg == k)].sum()) for k in range(n)]
-    copy_text = [float(nll1[both.seg == -(m + 1)].sum()) for m in range(n)]
-    want = np.mean([np.log1p(np.exp(a - b)) for a, b in zip(own_text, copy_text, strict=True)])
+    own_text = [float(nll1[(both.part == 1) & (both.seg == n)].sum()) for n in kept]
+    copy_text = [float(nll1[both.seg == -(m + 1)].sum()) for m in range(len(kept))]
+    want = np.mean([np.log1p(np.exp(x - y)) for x, y in zip(own_text, copy_text, strict=True)])
     assert abs(float(contrast_term(nll1, both)) - want) < 1e-4
     assert float(contrast_term(nll0, plain)) == 0.0  # no copies, no term

@@ -294,21 +294,33 @@ def _flip_one(h: np.ndarray, cat_ids: list[list[int] | None], rng: np.random.Gen
     return out
 
 
+@dataclass(slots=True)
+class Contrast:
+    """What `pack` needs to add contrast copies: per header dimension the category token ids a copy may switch
+    to (None: never changed), the rng, and the header slot + token of agents that get no copy (a plain repost:
+    its text carries none of the other dimensions' decisions)."""
+
+    cat_ids: list[list[int] | None]
+    rng: np.random.Generator
+    skip: tuple[int, int] | None = None
+
+
 def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.ndarray] | None = None,
-         contrast: tuple[list[list[int] | None], np.random.Generator] | None = None) -> Packed:
+         contrast: Contrast | None = None) -> Packed:
     """Pack steps into rows (one per step). `prefixes` replaces each step's prefix (probe: another context).
-    `contrast` (category token ids per header dimension, rng): every agent also gets a copy of its text after
-    a header with one dimension changed (weight 0; its text tokens are part 2, seg -(m+1))."""
+    `contrast`: every agent (but those `contrast.skip` names) also gets a copy of its text after its header with
+    one dimension changed (weight 0; its text tokens are part 2, seg -(m+1))."""
     rows = []
     for i, st in enumerate(steps):
         p = prefixes[i] if prefixes is not None else st.prefix
-        if contrast is not None and st.headers and len(st.headers[0]) == len(contrast[0]) + 2:
-            negs = [_flip_one(h, contrast[0], contrast[1]) for h in st.headers]
-        else:
-            negs = []
+        negs: list[tuple[int, np.ndarray]] = []  # (agent, changed header)
+        if contrast is not None and st.headers and len(st.headers[0]) == len(contrast.cat_ids) + 2:
+            sk = contrast.skip
+            negs = [(k, _flip_one(h, contrast.cat_ids, contrast.rng)) for k, h in enumerate(st.headers)
+                    if sk is None or int(h[1 + sk[0]]) != sk[1]]
         rows.append((p, st, negs))
     lengths = [len(p) + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, st.headers, st.texts, strict=True))
-               + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, negs, st.texts, strict=False))
+               + sum(len(st.suffixes[k]) + len(h) + len(st.texts[k]) for k, h in negs)
                for p, st, negs in rows]
     B, L = len(rows), max(lengths)
     ids = np.zeros((B, L), np.int64)
@@ -340,13 +352,13 @@ def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.
             ex += 1
             j += n
         base = ex - len(st.suffixes)
-        for k, h in enumerate(negs):
+        for c, (k, h) in enumerate(negs):
             s, t = st.suffixes[k], st.texts[k]
             toks = np.concatenate([s, h, t]).astype(np.int64)
             n = len(toks)
             ids[b, j:j + n] = toks
             pos[b, j:j + n] = np.arange(P, P + n)
-            segid[b, j:j + n] = len(st.suffixes) + k + 1
+            segid[b, j:j + n] = len(st.suffixes) + c + 1
             m = len(neg_of)
             for q in range(j + len(s) + len(h), j + n):  # the text tokens only
                 src.append(b * L + q - 1)
