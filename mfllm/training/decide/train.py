@@ -8,7 +8,10 @@ agents packed after one shared prefix; the prompt is the exact policy prompt of 
 the baselines get the same model); the target is ``header + text``. With `meanfield_per_event`, some steps
 also become summariser rows (the llm mean field's prompt -> the compact stats text after the step), so the
 same model can write the mean field it reads under ``--meanfield llm``. Nothing is fitted on val or test
-events: val events only feed the probe (mfllm.training.decide.probe) in the log.
+events: val events only feed the probe (mfllm.training.decide.probe) in the log. Beside the per-action loss,
+three opt-in terms (DecideConfig, off by default): the crowd term (a step's mix), the reader term (the label
+reader's per-agent distribution) and the contrast term (the text likelier after its own header than after a
+changed one).
 
 Starting from the shipped mfllm-mini weights (and its tokenizer) matters: the same budget from
 scratch learned nothing (issue 14). Checkpoints every `ckpt_every` steps; a killed run resumes where
