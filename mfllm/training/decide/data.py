@@ -310,18 +310,16 @@ def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.
     """Pack steps into rows (one per step). `prefixes` replaces each step's prefix (probe: another context).
     `contrast`: every agent (but those `contrast.skip` names) also gets a copy of its text after its header with
     one dimension changed (weight 0; its text tokens are part 2, seg -(m+1))."""
-    rows = []
+    rows = []  # (prefix, segments); a segment: (suffix, header, text, None for an agent | the agent it copies)
     for i, st in enumerate(steps):
         p = prefixes[i] if prefixes is not None else st.prefix
-        negs: list[tuple[int, np.ndarray]] = []  # (agent, changed header)
+        segs = [(sf, h, t, None) for sf, h, t in zip(st.suffixes, st.headers, st.texts, strict=True)]
         if contrast is not None and st.headers and len(st.headers[0]) == len(contrast.cat_ids) + 2:
             sk = contrast.skip
-            negs = [(k, _flip_one(h, contrast.cat_ids, contrast.rng)) for k, h in enumerate(st.headers)
-                    if sk is None or int(h[1 + sk[0]]) != sk[1]]
-        rows.append((p, st, negs))
-    lengths = [len(p) + sum(len(s) + len(h) + len(t) for s, h, t in zip(st.suffixes, st.headers, st.texts, strict=True))
-               + sum(len(st.suffixes[k]) + len(h) + len(st.texts[k]) for k, h in negs)
-               for p, st, negs in rows]
+            segs += [(st.suffixes[k], _flip_one(h, contrast.cat_ids, contrast.rng), st.texts[k], k)
+                     for k, h in enumerate(st.headers) if sk is None or int(h[1 + sk[0]]) != sk[1]]
+        rows.append((p, segs))
+    lengths = [len(p) + sum(len(sf) + len(h) + len(t) for sf, h, t, _ in segs) for p, segs in rows]
     B, L = len(rows), max(lengths)
     ids = np.zeros((B, L), np.int64)
     pos = np.zeros((B, L), np.int64)
@@ -329,44 +327,32 @@ def pack(steps: list[StepTokens], header_weight: float = 1.0, prefixes: list[np.
     src, tgt, weight, part, seg = [], [], [], [], []
     ex = 0
     neg_of = []
-    for b, (p, st, negs) in enumerate(rows):
+    for b, (p, segs) in enumerate(rows):
         P = len(p)
         ids[b, :P] = p
         pos[b, :P] = np.arange(P)
         segid[b, :P] = 0
         j = P
-        for k, (s, h, t) in enumerate(zip(st.suffixes, st.headers, st.texts, strict=True)):
-            toks = np.concatenate([s, h, t]).astype(np.int64)
+        base = ex  # the row's first agent
+        for number, (sf, h, t, copy_of) in enumerate(segs, start=1):
+            toks = np.concatenate([sf, h, t]).astype(np.int64)
             n = len(toks)
             ids[b, j:j + n] = toks
             pos[b, j:j + n] = np.arange(P, P + n)
-            segid[b, j:j + n] = k + 1
-            first = j + len(s)  # first header token
-            for q in range(first, j + n):
+            segid[b, j:j + n] = number
+            first = j + len(sf)  # first header token
+            # an agent's targets: its header and text; a copy's: its text only (weight 0, for contrast_term)
+            for q in range(first if copy_of is None else first + len(h), j + n):
                 src.append(b * L + q - 1)
                 tgt.append(ids[b, q])
                 hdr = q < first + len(h)
-                part.append(0 if hdr else 1)
-                weight.append(header_weight if hdr else 1.0)
-                seg.append(ex)
-            ex += 1
-            j += n
-        base = ex - len(st.suffixes)
-        for c, (k, h) in enumerate(negs):
-            s, t = st.suffixes[k], st.texts[k]
-            toks = np.concatenate([s, h, t]).astype(np.int64)
-            n = len(toks)
-            ids[b, j:j + n] = toks
-            pos[b, j:j + n] = np.arange(P, P + n)
-            segid[b, j:j + n] = len(st.suffixes) + c + 1
-            m = len(neg_of)
-            for q in range(j + len(s) + len(h), j + n):  # the text tokens only
-                src.append(b * L + q - 1)
-                tgt.append(ids[b, q])
-                part.append(2)
-                weight.append(0.0)
-                seg.append(-(m + 1))
-            neg_of.append(base + k)
+                part.append(2 if copy_of is not None else 0 if hdr else 1)
+                weight.append(0.0 if copy_of is not None else header_weight if hdr else 1.0)
+                seg.append(ex if copy_of is None else -(len(neg_of) + 1))
+            if copy_of is None:
+                ex += 1
+            else:
+                neg_of.append(base + copy_of)
             j += n
     sid = torch.from_numpy(segid)
     q_seg, k_seg = sid[:, :, None], sid[:, None, :]
