@@ -202,14 +202,15 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         what = f"unknown dimension(s) {', '.join(unknown)}" if unknown else "no dimension"
         raise ConfigError(f"{what}; a header's dimensions are {', '.join(HEADER_DIMS)}", field="contrast_dims")
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
-    # the categories a contrast copy may switch to, per header dimension (None: that dimension is never changed)
-    contrast_ids = [list(ids.values()) if d in cfg.contrast_dims else None
-                    for d, ids in zip(HEADER_DIMS, token_ids or [], strict=False)]
-    # plain reposts get no copy: their text carries none of the other dimensions' decisions, and with copies the
-    # model learned to write content after a repost header (20 val events: behaviour KL 0.09 -> 0.16)
-    share = (HEADER_DIMS.index("behavior_type"), token_ids[HEADER_DIMS.index("behavior_type")]["share"]) \
-        if token_ids and "behavior_type" in HEADER_DIMS else None
-    contrast = Contrast(contrast_ids, np.random.default_rng(cfg.seed + 7), share)  # a resumed run redraws the copies
+    contrast = None
+    if cfg.contrast_weight > 0:
+        # per header dimension the categories a copy may switch to (None: never changed); plain reposts get no
+        # copy: their text carries none of the other dimensions' decisions, and with copies the model learned to
+        # write content after a repost header (20 val events: behaviour KL 0.09 -> 0.16)
+        b = HEADER_DIMS.index("behavior_type")
+        contrast = Contrast([list(ids.values()) if d in cfg.contrast_dims else None
+                             for d, ids in zip(HEADER_DIMS, token_ids, strict=True)],
+                            np.random.default_rng(cfg.seed + 7), (b, token_ids[b]["share"]))  # a resumed run redraws
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
     val_events = load_split(cfg.data, "val")
@@ -244,8 +245,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
             g["lr"] = _lr(cfg, s)
         hw = cfg.early_header_weight if s < cfg.early_steps and cfg.early_header_weight is not None else cfg.header_weight
         rows = [steps[i] for i in order[s]]
-        batch = pack(rows, header_weight=hw,
-                     contrast=contrast if cfg.contrast_weight > 0 else None)
+        batch = pack(rows, header_weight=hw, contrast=contrast)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = packed_logits(model, batch)
         nll = torch.nn.functional.cross_entropy(logits.float(), batch.tgt, reduction="none")
