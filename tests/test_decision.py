@@ -11,20 +11,29 @@ import torch
 from helpers.packing import unpacked_nll
 
 from mfllm.data.load import load_events
+from mfllm.errors import ConfigError
 from mfllm.labels import reader as mf_oracle
 from mfllm.labels.base import ActionLabels
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL, MINI_MODEL, SAMPLE_DATA
 from mfllm.simulation.decision import (
+    FULL_HEADER_DIMS,
     HEADER_DIMS,
     Decision,
     header_agreement,
+    header_dims,
     header_format,
     render_header,
     split_header,
 )
-from mfllm.simulation.meanfield import CompactStatsMeanField, MeanFieldUpdate, StatsMeanField
+from mfllm.simulation.meanfield import (
+    CompactStatsMeanField,
+    MeanFieldUpdate,
+    StatsMeanField,
+    compact_meanfield,
+    make_meanfield,
+)
 from mfllm.training.decide.data import (
     contrast_term,
     crowd_kl,
@@ -38,6 +47,8 @@ from mfllm.training.decide.data import (
 )
 
 LABELS = {"behavior_type": "comment", "stance": "oppose", "belief_degree": "doubt", "sentiment_state": "angry"}
+LABELS8 = LABELS | {"sentiment_tendency": "negative", "subjectivity": "subjective", "intent": "question",
+                    "rumor": "counter"}
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +57,29 @@ def events():
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])
-def test_header_round_trip(lang):
-    h = render_header(LABELS, lang)
+@pytest.mark.parametrize("dims", [HEADER_DIMS, FULL_HEADER_DIMS])
+def test_header_round_trip(lang, dims):
+    """A header of either layout (4 or 8 dimensions) parses back to its labels; one parser serves both models."""
+    labels = {d: LABELS8[d] for d in dims}
+    h = render_header(LABELS8, lang, dims)
     d = split_header(h + " 真的假的", lang)
-    assert d.labels == LABELS and d.text == "真的假的" and d.raw_header == h
+    assert d.labels == labels and d.text == "真的假的" and d.raw_header == h
+
+
+def test_eight_dimension_header_reads_its_tokens_in_order():
+    assert render_header(LABELS8, "zh", FULL_HEADER_DIMS) == "【评反疑怒负主问辟】"
+    assert split_header("【转中信平无客观传】转发", "zh").labels == {
+        "behavior_type": "share", "stance": "neutral", "belief_degree": "believe", "sentiment_state": "calm",
+        "sentiment_tendency": "neutral", "subjectivity": "objective", "intent": "opinion", "rumor": "spread"}
+    with pytest.raises(ConfigError, match="4 or 8"):
+        header_dims(5)
 
 
 @pytest.mark.parametrize(("line", "text", "has_raw"), [
     ("【评支】还行", "还行", True),  # malformed (two labels): stripped, recorded as missing
     ("【转评支信平】x", "x", True),  # five labels
+    ("【评支信平正主】x", "x", True),  # six: neither layout
+    ("【评支信平正主问辟传】x", "x", True),  # nine
     ("没有头部的评论", "没有头部的评论", False),
     ("【转载】新闻原文", "【转载】新闻原文", False),  # a real bracket, not label tokens: kept as text
     ("【评支信", "【评支信", False),  # never closed
@@ -78,6 +103,11 @@ def test_header_agreement_counts_missing_apart():
     ag = header_agreement(decs, labs)
     assert ag["n"] == 2 and ag["missing"] == 1 and ag["joint"] == 0.5
     assert ag["per_dimension"]["stance"] == 0.5 and ag["per_dimension"]["behavior_type"] == 1.0
+    assert list(ag["per_dimension"]) == list(HEADER_DIMS)  # the dimensions the headers name
+    text8 = ActionLabels(dict(LABELS8, intent="opinion"))
+    ag8 = header_agreement([Decision("a", dict(LABELS8)), Decision("b", dict(LABELS))], [text8, text8])
+    assert list(ag8["per_dimension"]) == list(FULL_HEADER_DIMS) and ag8["per_dimension"]["intent"] == 0.0
+    assert ag8["per_dimension"]["stance"] == 1.0 and ag8["joint"] == 0.5  # the 4-dimension header agrees in full
 
 
 def test_compact_meanfield_has_the_stats_shares(events):
@@ -94,6 +124,13 @@ def test_compact_meanfield_has_the_stats_shares(events):
     stance = b.data["counts"]["stance"]
     assert f"中{round(100 * stance['neutral'] / sum(stance.values()))}|" in b.text  # the stance's neutral
     assert comp.initial("zh").text == full.initial("zh").text
+    comp8 = make_meanfield("stats-compact8", "zh")
+    c = comp8.update_many([MeanFieldUpdate(ev.source.text, comp8.initial("zh"), pairs)])[0]
+    assert c.data == b.data and c.text.startswith(b.text.split("|问")[0] + "|正")  # the same shares, and then
+    tend, subj = b.data["counts"]["sentiment_tendency"], b.data["counts"]["subjectivity"]
+    assert f"无{round(100 * tend['neutral'] / sum(tend.values()))}|" in c.text
+    assert f"|主{round(100 * subj['subjective'] / sum(subj.values()))}客" in c.text
+    assert compact_meanfield(FULL_HEADER_DIMS).name == "stats-compact8" and compact_meanfield(HEADER_DIMS).name == "stats-compact"
 
 
 def test_training_steps_read_the_step_lagged_meanfield(events):
@@ -144,7 +181,7 @@ def test_probe_reports_gain_per_action(events):
     g = out["gain"]["other-own:total"]
     assert g["mean_per_action"] == pytest.approx(other["total"] - own["total"], abs=1e-6)
     acc = out["header_accuracy"]
-    assert set(acc["teacher_forced_slot_accuracy"]) == set(HEADER_DIMS) and 0 <= acc["all_four"] <= 1
+    assert set(acc["teacher_forced_slot_accuracy"]) == set(HEADER_DIMS) and 0 <= acc["all_dims"] <= 1
     plain = run_probe(model, tok, events, max_agents=8, header=False, compact=False, conditions=("own", "other"))
     assert plain["nll_per_action"]["own"]["header"] == 0 and "header_accuracy" not in plain
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mfllm.cli import app
 from mfllm.errors import ConfigError
 from mfllm.paths import ASSETS, DEFAULT_MODEL, MINI_MODEL
-from mfllm.simulation.decision import header_format
+from mfllm.simulation.decision import HEADER_DIMS, header_format
 
 DECIDE = ASSETS / "models" / "mfllm-decide"
 ARGS = ["simulate", "--limit", "1", "--step-size", "4", "--warmup", "8", "--max-agents", "8", "--seed", "3", "--quiet"]
@@ -21,6 +21,11 @@ ARGS = ["simulate", "--limit", "1", "--step-size", "4", "--warmup", "8", "--max-
 def _actions(run):
     recs = [json.loads(line) for line in (run / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
     return recs, [a for r in recs if r["phase"] == "rollout" for a in r["actions"]]
+
+
+def _contrast_dims(output: str) -> list[str]:
+    """The dimensions `train decide` logs for its contrast copies (the console wraps long lines)."""
+    return re.search(r"copies change one of ((?:\w+, )*\w+)", " ".join(output.split())).group(1).split(", ")
 
 
 def test_decide_model_run_splits_the_header(tmp_path):
@@ -36,7 +41,8 @@ def test_decide_model_run_splits_the_header(tmp_path):
     cats = {d: set(c) for d, c in header_format("zh")["labels"].items()}
     for a in acts:
         assert isinstance(a["decision"], dict)
-        assert not a["decision"] or all(a["decision"][d] in cats[d] for d in cats)
+        assert not a["decision"] or (set(a["decision"]) == set(HEADER_DIMS)  # the shipped model's header: 4
+                                     and all(a["decision"][d] in cats[d] for d in HEADER_DIMS))
         assert not (a["sim_text"] or "").startswith("【") or a["decision"] == {}
     assert sum(bool(a["decision"]) for a in acts) >= 6  # the model writes its header
 
@@ -112,13 +118,44 @@ def test_train_decide_with_the_contrast_term_logs_it_and_refuses_unknown_dimensi
     assert res.exit_code == 0, res.output
     terms = [float(x) for x in re.findall(r'"contrast": ([0-9.]+)', res.output)]
     assert len(terms) == 1 and terms[0] > 0
-    info = json.loads((tmp_path / "model" / "training_info.json").read_text(encoding="utf-8"))
-    assert info["config"]["contrast_dims"] == ["stance", "belief_degree", "sentiment_state"]
+    assert _contrast_dims(res.output) == ["stance", "belief_degree", "sentiment_state"]  # behaviour: never
     cfg.write_text(json.dumps(base | {"contrast_dims": ["stance", "mood"]}))
     bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "bad"),
                                    "--steps", "10", "--config", str(cfg)])
     assert bad.exit_code != 0 and "contrast_dims" in bad.output and "mood" in bad.output
     assert "Traceback" not in bad.output and not (tmp_path / "bad" / "model.safetensors").exists()
+    # intent is a dimension of the 8-dimension header only
+    cfg.write_text(json.dumps(base | {"contrast_dims": ["intent"]}))
+    bad = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "bad"),
+                                   "--steps", "10", "--config", str(cfg)])
+    assert bad.exit_code != 0 and "intent" in bad.output and "header_dims 4" in bad.output
+
+
+def test_an_eight_dimension_decide_model_trains_and_runs_with_its_own_header_and_mean_field(tmp_path):
+    """`header_dims` 8: the header names every label dimension, the model reads stats-compact8 (sentiment and
+    subjectivity shares too), its policy file says both, and `mfllm simulate` runs it with them."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
+    cfg = tmp_path / "decide.json"
+    cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1,
+                               "meanfield_decay": 1.0, "contrast_weight": 5.0, "header_dims": 8,
+                               "init": str(DECIDE)}))
+    model = tmp_path / "model"
+    res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(model), "--steps", "10",
+                                   "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert _contrast_dims(res.output) == ["stance", "belief_degree", "sentiment_state", "sentiment_tendency",
+                                          "subjectivity", "intent", "rumor"]
+    policy = json.loads((model / "mfllm_policy.json").read_text(encoding="utf-8"))
+    assert policy["header_dims"] == 8 and policy["meanfield"] == "stats-compact8"
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [*ARGS, "--model", str(model), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["sim"]["meanfield"] == "stats-compact8"
+    recs, acts = _actions(out)
+    assert "|正" in recs[-1]["meanfield"] and "|主" in recs[-1]["meanfield"]
+    assert len(acts) == 8 and all("decision" in a for a in acts)
 
 
 def test_every_entry_point_runs_a_decide_model_the_same_way():

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mfllm.backends.base import SamplingParams
 
 MethodName = Literal["mf", "state", "recent", "popular"]
-MeanFieldName = Literal["stats", "stats-compact", "llm"]
+MeanFieldName = Literal["stats", "stats-compact", "stats-compact8", "llm"]
 Lang = Literal["zh", "en"]  # = mfllm.prompts.templates.LANGS
 
 

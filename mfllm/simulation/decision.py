@@ -1,10 +1,12 @@
 """Decide, then write: the short decision header a policy writes before its action text.
 
-A "decide" policy model (mfllm.training.decide) writes, on the action's line, a header of four label
-tokens and then the text, e.g. ``【评支信平】真的假的`` (comment, support, believe, calm). The header
-gives the model a short categorical decision that the mean field's label shares predict directly;
-the text follows it. The format is data (``prompts/<lang>/decision.json``), shared by training and
-inference.
+A "decide" policy model (mfllm.training.decide) writes, on the action's line, a header of label tokens and
+then the text, e.g. ``【评支信平】真的假的`` (comment, support, believe, calm). The header gives the model a
+short categorical decision that the mean field's label shares predict directly; the text follows it. A
+header names the first four dimensions of ``decision.json`` (HEADER_DIMS) or all eight (FULL_HEADER_DIMS,
+which adds sentiment, subjectivity, intent and rumour: every label dimension the evaluation scores); the
+parser reads either, so one simulator runs both kinds of model. The format is data
+(``prompts/<lang>/decision.json``), shared by training and inference.
 
 At inference the header is split off here: the simulated action is the text alone (evaluation labels
 the text, never the header) and the header's labels are kept beside it, so a run can report how often
@@ -20,14 +22,31 @@ from functools import cache
 from pathlib import Path
 
 from mfllm.backends.registry import REMOTE_BACKENDS
+from mfllm.errors import ConfigError
 from mfllm.paths import ASSETS, DEFAULT_MODEL
 from mfllm.prompts.templates import PROMPTS_DIR, _check_lang
 
-# The dimensions a header decides, in header order.
+# The dimensions a header decides, in header order: the four of the first decide models, or all eight.
 HEADER_DIMS: tuple[str, ...] = ("behavior_type", "stance", "belief_degree", "sentiment_state")
-MAX_HEADER_CHARS = 48  # a close marker further away than this is not a header's
+FULL_HEADER_DIMS: tuple[str, ...] = (*HEADER_DIMS, "sentiment_tendency", "subjectivity", "intent", "rumor")
+HEADER_LAYOUTS = {len(HEADER_DIMS): HEADER_DIMS, len(FULL_HEADER_DIMS): FULL_HEADER_DIMS}
+MAX_HEADER_CHARS = 96  # a close marker further away than this is not a header's (an 8-dimension English one: ~66)
 # A decide model's folder says how to run it: {"decision_header": true, "meanfield": "stats-compact", "lang": "zh"}
 POLICY_FILE = "mfllm_policy.json"
+
+
+def header_dims(n: int) -> tuple[str, ...]:
+    """The dimensions of an `n`-dimension header (4 or 8)."""
+    if n not in HEADER_LAYOUTS:
+        raise ConfigError(f"a decision header names {' or '.join(map(str, HEADER_LAYOUTS))} dimensions, not {n}",
+                          field="header_dims")
+    return HEADER_LAYOUTS[n]
+
+
+def model_header_dims(model: str | Path | None) -> tuple[str, ...]:
+    """The dimensions a decide model's header names: its POLICY_FILE's ``header_dims`` (4 when it names none,
+    as the first decide models did)."""
+    return header_dims(int(policy_spec(model).get("header_dims", len(HEADER_DIMS))))
 
 
 def policy_model(backend_name: str, model: str | Path | None) -> str | Path | None:
@@ -82,16 +101,16 @@ def header_format(lang: str = "zh") -> dict:
     return fmt
 
 
-def render_header(labels: dict[str, str], lang: str = "zh") -> str:
-    """The header for a label dict (the 8-dimension labels of an action; only HEADER_DIMS are used)."""
+def render_header(labels: dict[str, str], lang: str = "zh", dims: tuple[str, ...] = HEADER_DIMS) -> str:
+    """The header for a label dict (the 8-dimension labels of an action; only `dims` are written)."""
     fmt = header_format(lang)
-    return fmt["open"] + fmt["sep"].join(fmt["labels"][d][labels[d]] for d in HEADER_DIMS) + fmt["close"]
+    return fmt["open"] + fmt["sep"].join(fmt["labels"][d][labels[d]] for d in dims) + fmt["close"]
 
 
 @dataclass(slots=True)
 class Decision:
     text: str  # the action's line without its header
-    labels: dict[str, str] | None  # the header's labels (HEADER_DIMS); None = missing or malformed
+    labels: dict[str, str] | None  # the header's labels (a layout's dimensions); None = missing or malformed
     raw_header: str | None = None  # what stood in the header position, if anything (malformed ones too)
 
 
@@ -101,18 +120,21 @@ def _parse_body(body: str, lang: str) -> dict[str, str] | None:
         parts = [p for p in body.split(fmt["sep"]) if p]
     else:  # one token per dimension, each a known string: match greedily in order
         parts, rest = [], body
-        for d in HEADER_DIMS:
+        for d in FULL_HEADER_DIMS:
             hit = next((t for t in sorted(fmt["reverse"][d], key=len, reverse=True) if rest.startswith(t)), None)
             if hit is None:
-                return None
+                break
             parts.append(hit)
             rest = rest[len(hit):]
+            if not rest:
+                break
         if rest:
             return None
-    if len(parts) != len(HEADER_DIMS):
+    dims = HEADER_LAYOUTS.get(len(parts))
+    if dims is None:
         return None
     out = {}
-    for d, p in zip(HEADER_DIMS, parts, strict=True):
+    for d, p in zip(dims, parts, strict=True):
         cat = fmt["reverse"][d].get(p.strip())
         if cat is None:
             return None
@@ -158,13 +180,14 @@ def split_header(line: str, lang: str = "zh") -> Decision:
 
 
 def header_agreement(decisions: list[Decision], text_labels: list) -> dict:
-    """How often a header's labels equal the labels of its own text (per dimension and all four).
+    """How often a header's labels equal the labels of its own text (per dimension the headers name, and all
+    of a header's dimensions at once: "joint").
 
     `text_labels`: one ActionLabels (or None) per decision, from a labeler run on the decision's text.
     Decisions without a header count as missing, not as disagreement.
     """
     n = missing = joint = 0
-    per = dict.fromkeys(HEADER_DIMS, 0)
+    per: dict[str, list[int]] = {}  # dimension -> [agreeing, headers naming it]
     for dec, lab in zip(decisions, text_labels, strict=True):
         if dec.labels is None:
             missing += 1
@@ -172,9 +195,14 @@ def header_agreement(decisions: list[Decision], text_labels: list) -> dict:
         if lab is None:
             continue
         n += 1
-        same = [dec.labels[d] == lab.labels.get(d) for d in HEADER_DIMS]
-        for d, ok in zip(HEADER_DIMS, same, strict=True):
-            per[d] += ok
-        joint += all(same)
+        same = True
+        for d, cat in dec.labels.items():
+            ok = cat == lab.labels.get(d)
+            tally = per.setdefault(d, [0, 0])
+            tally[0] += ok
+            tally[1] += 1
+            same &= ok
+        joint += same
+    order = [d for d in FULL_HEADER_DIMS if d in per] or list(HEADER_DIMS)
     return {"n": n, "missing": missing, "joint": joint / n if n else None,
-            "per_dimension": {d: (v / n if n else None) for d, v in per.items()}}
+            "per_dimension": {d: (per[d][0] / per[d][1] if d in per else None) for d in order}}

@@ -3,7 +3,8 @@
 - ``stats``: a deterministic text summary (no LLM): exponentially decayed label shares of the
   actions so far (rules labeler), top keywords and a few example comments. Cheap, so a setup with a
   small model or no LLM can still run MF, and it is what mfllm-mini was trained to read.
-- ``stats-compact``: the same statistics written as label-share tokens (what a decide model reads).
+- ``stats-compact``: the same statistics written as label-share tokens (what a decide model reads);
+  ``stats-compact8`` adds sentiment and subjectivity shares (what an 8-dimension decide model reads).
 - ``llm``: the paper's summariser: an LLM writes m_t (about 200 characters, six aspects) from
   m_{t-1} and the step's pairs, through any backend (adapter "meanfield" where LoRA is loaded).
 
@@ -148,6 +149,9 @@ COMPACT_FIELDS = {"share": ("behavior_type", "share"), "comment": ("behavior_typ
                   "believe": ("belief_degree", "believe"), "doubt": ("belief_degree", "doubt"),
                   "counter": ("rumor", "counter"),
                   **{e: ("sentiment_state", e) for e in DIMENSIONS["sentiment_state"]},
+                  "positive": ("sentiment_tendency", "positive"), "negative": ("sentiment_tendency", "negative"),
+                  "tneutral": ("sentiment_tendency", "neutral"),
+                  "subjective": ("subjectivity", "subjective"), "objective": ("subjectivity", "objective"),
                   "question": ("intent", "question"), "opinion": ("intent", "opinion")}
 
 
@@ -158,6 +162,7 @@ class CompactStatsMeanField(StatsMeanField):
     0.192 against 0.125 at the same budget)."""
 
     name = "stats-compact"
+    template_name = "stats_meanfield_compact"  # a template may leave COMPACT_FIELDS out, never add one
 
     def render(self, data: dict) -> str:
         s = strings(self.lang)
@@ -170,12 +175,26 @@ class CompactStatsMeanField(StatsMeanField):
             share[dim] = {c: _pct(counts.get(c, 0.0) / tot) for c in cats}
         fields = {f: share[dim][cat] for f, (dim, cat) in COMPACT_FIELDS.items()}
         q = s["quote_open"], s["quote_close"]
-        return template("stats_meanfield_compact", self.lang).format(
+        return template(self.template_name, self.lang).format(
             n=data["n"],
             keywords=s["list_sep"].join(k for k, _ in Counter(data["keywords"]).most_common(self.n_keywords)) or s["none"],
             examples="".join(f"{q[0]}{e}{q[1]}" for e in data["examples"]) or s["none"],
             **fields,
         )
+
+
+class FullCompactStatsMeanField(CompactStatsMeanField):
+    """``stats-compact`` with the shares of sentiment and subjectivity too: what a decide model whose header
+    names all eight label dimensions reads (every dimension it decides, the crowd's share beside it)."""
+
+    name = "stats-compact8"
+    template_name = "stats_meanfield_compact8"
+
+
+def compact_meanfield(dims: tuple[str, ...], lang: str = "zh", **options) -> CompactStatsMeanField:
+    """The compact mean field a decide model with header dimensions `dims` reads."""
+    full = "sentiment_tendency" in dims
+    return (FullCompactStatsMeanField if full else CompactStatsMeanField)(lang=lang, **options)
 
 
 # Where a prompt does not fit a small model's context (mfllm-mini: 320 tokens), the replies and m_{t-1}
@@ -249,8 +268,10 @@ def make_meanfield(name: str, lang: str = "zh", backend: Backend | None = None, 
         return StatsMeanField(lang=lang, **options)
     if name == "stats-compact":
         return CompactStatsMeanField(lang=lang, **options)
+    if name == "stats-compact8":
+        return FullCompactStatsMeanField(lang=lang, **options)
     if name == "llm":
         if backend is None:
             raise ConfigError("the llm mean field needs a backend", field="meanfield")
         return LLMMeanField(backend, lang=lang, **options)
-    raise ConfigError(f"unknown mean-field model {name!r}; choose stats or llm", field="meanfield")
+    raise ConfigError(f"unknown mean-field model {name!r}; choose stats, stats-compact, stats-compact8 or llm", field="meanfield")

@@ -29,15 +29,20 @@ import numpy as np
 from mfllm.evaluation.metrics import kl
 from mfllm.labels.dimensions import DIMENSIONS
 from mfllm.labels.rules import RulesLabeler
-from mfllm.simulation.decision import HEADER_DIMS, Decision, header_agreement
+from mfllm.simulation.decision import FULL_HEADER_DIMS, Decision, header_agreement
 from mfllm.store.run import iter_steps
+
+
+def named(heads: list[dict]) -> list[str]:
+    """The dimensions the headers name (a 4- or 8-dimension model), in header order."""
+    return [d for d in FULL_HEADER_DIMS if any(d in h for h in heads)]
 
 
 def chance(decs: list[Decision], labels: list) -> dict[str, float]:
     """The agreement expected if the text's labels were drawn independently of the header (same marginals)."""
     pairs = [(d.labels, lab.labels) for d, lab in zip(decs, labels, strict=True) if d.labels and lab is not None]
     out = {}
-    for dim in HEADER_DIMS:
+    for dim in named([p[0] for p in pairs]):
         h, t = Counter(p[0][dim] for p in pairs), Counter(p[1][dim] for p in pairs)
         n = len(pairs) or 1
         out[dim] = sum(h[c] / n * t[c] / n for c in h)
@@ -47,7 +52,7 @@ def chance(decs: list[Decision], labels: list) -> dict[str, float]:
 def mix_loss(real: dict[str, list[dict]], heads: dict[str, list[dict]], texts: dict[str, list[dict]]) -> dict:
     """Per header dimension: mean over events of KL(real mix || header mix) and KL(real mix || text mix)."""
     out = {}
-    for dim in HEADER_DIMS:
+    for dim in named([h for hs in heads.values() for h in hs]):
         cats = DIMENSIONS[dim]
 
         def mix(labs: list[dict], dim=dim, cats=cats) -> np.ndarray:

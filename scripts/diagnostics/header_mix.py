@@ -23,7 +23,7 @@ import torch
 
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.decision import HEADER_DIMS
+from mfllm.simulation.decision import model_header_dims
 from mfllm.training.decide.data import header_slots, header_token_ids, pack, packed_logits
 from mfllm.training.decide.probe import condition_prefixes, probe_setup
 
@@ -45,12 +45,13 @@ def main() -> None:
     gammas = [float(x) for x in a.gammas.split(",")]
     conds = ["own", "empty"] if any(gammas) else ["own"]
     pre = {c: condition_prefixes(tok, steps, evmap, reads, c, "zh") for c in conds}
-    token_ids = header_token_ids(tok)
-    names = {d: list(ids) for d, ids in zip(HEADER_DIMS, token_ids, strict=True)}
+    dims = model_header_dims(a.model)
+    token_ids = header_token_ids(tok, "zh", dims)
+    names = {d: list(ids) for d, ids in zip(dims, token_ids, strict=True)}
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids]
 
     def zeros() -> dict[str, np.ndarray]:
-        return {d: np.zeros(len(names[d])) for d in HEADER_DIMS}
+        return {d: np.zeros(len(names[d])) for d in dims}
 
     pred = {g: collections.defaultdict(zeros) for g in gammas}
     real = collections.defaultdict(zeros)
@@ -63,7 +64,7 @@ def main() -> None:
             header_at = {(int(e), int(k)): int(n) for n, e, k in zip(hdr, seg, slot, strict=True)}
             ex = [(steps[i + k].event_id, lab) for k in range(len(chunk)) for lab in steps[i + k].labels[:len(chunk[k].suffixes)]]
             for e, (eid, labels) in enumerate(ex):
-                for k, d in enumerate(HEADER_DIMS):
+                for k, d in enumerate(dims):
                     n = header_at[(e, 1 + k)]
                     real[eid][d][names[d].index(labels[d])] += 1
                     for g in gammas:
@@ -73,16 +74,16 @@ def main() -> None:
     warm = {}
     for ev in evs:
         labs = [x.labels for x in lab.label([x.text for x in ev.actions[:WARMUP]]) if x is not None]
-        warm[ev.event_id] = {d: np.array([sum(x[d] == c for x in labs) for c in names[d]], float) for d in HEADER_DIMS}
+        warm[ev.event_id] = {d: np.array([sum(x[d] == c for x in labs) for c in names[d]], float) for d in dims}
     ids = sorted(real)
 
     def norm(v: np.ndarray) -> np.ndarray:
         return v / max(v.sum(), 1e-9)
 
-    print(f"{len(ids)} {a.split} events, {sum(real[e][HEADER_DIMS[0]].sum() for e in ids):.0f} actions; {a.model}")
+    print(f"{len(ids)} {a.split} events, {sum(real[e][dims[0]].sum() for e in ids):.0f} actions; {a.model}")
     print("dimension".ljust(17), "slope: real", *(f"g={g:g}".rjust(7) for g in gammas),
           " | TV to real: warm-up", *(f"g={g:g}".rjust(7) for g in gammas))
-    for d in HEADER_DIMS:
+    for d in dims:
         w = np.array([norm(warm[e][d]) for e in ids])
         g0 = w.mean(0)
         wc = w - g0

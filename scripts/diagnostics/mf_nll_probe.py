@@ -21,7 +21,7 @@ import torch
 
 from mfllm.data.load import load_events
 from mfllm.paths import DEFAULT_MODEL
-from mfllm.simulation.decision import policy_spec
+from mfllm.simulation.decision import model_header_dims, policy_spec
 from mfllm.training.decide.probe import run_probe
 
 
@@ -47,7 +47,8 @@ def main() -> None:
     evs = [e for e in load_events(a.data, split=a.split).events if len(e.actions) >= 64][: a.events]
     t0 = time.time()
     decay = a.decay if a.decay is not None else policy_spec(a.model).get("meanfield_decay", 0.8)
-    out = run_probe(model, tok, evs, header=not a.plain, compact=not a.plain, max_agents=a.max_agents, decay=decay)
+    out = run_probe(model, tok, evs, header=not a.plain, compact=not a.plain, max_agents=a.max_agents, decay=decay,
+                    dims=model_header_dims(a.model))
     out |= {"model": a.model, "split": a.split, "seconds": round(time.time() - t0, 1)}
     text = json.dumps(out, indent=1, ensure_ascii=False)
     print(text)

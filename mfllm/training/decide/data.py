@@ -40,10 +40,10 @@ from mfllm.seeds import derived_rng
 from mfllm.simulation.decision import HEADER_DIMS, header_format, render_header
 from mfllm.simulation.history import History
 from mfllm.simulation.meanfield import (
-    CompactStatsMeanField,
     LLMMeanField,
     MeanFieldModel,
     MeanFieldUpdate,
+    compact_meanfield,
     fit_meanfield_prompt,
 )
 from mfllm.simulation.methods import METHODS, make_method
@@ -82,7 +82,8 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
                 meanfield: MeanFieldModel | None = None, labeler: RulesLabeler | None = None,
                 mix: dict[str, float] | None = None, rng: random.Random | None = None,
                 meanfield_for: dict | None = None, meanfield_per_event: int = 0,
-                seed: int = 0, window: int = 0, reader: LabelModel | None = None) -> Iterator[StepText | SummaryText]:
+                seed: int = 0, window: int = 0, reader: LabelModel | None = None,
+                dims: tuple[str, ...] = HEADER_DIMS) -> Iterator[StepText | SummaryText]:
     """The rollout steps of one event with teacher-forced contexts, and `meanfield_per_event` summariser examples.
 
     `mix`: method -> probability, drawn once per step (default: all `mf`). `meanfield_for`: when a dict,
@@ -92,8 +93,9 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
     `window` real actions from its first one on (`header_shares`; the crowd term's target). `reader`: each
     `mf` step also carries, per agent, the label reader's distribution over the header categories given the
     real label shares through the step before and the agent's state (`reader_targets`; the reader term's target).
+    `dims`: the dimensions the header names (and, by default, the compact mean field that goes with them).
     """
-    mf_model = meanfield or CompactStatsMeanField(lang=lang)
+    mf_model = meanfield or compact_meanfield(dims, lang=lang)
     labeler = labeler or RulesLabeler()
     mix = mix or {"mf": 1.0}
     rng = rng or random.Random(0)
@@ -119,13 +121,14 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
             name = rng.choices(names, weights)[0] if len(names) > 1 else names[0]
             prefix = policy_prefix(event.source.text, methods[name].context(history, mf.text, lang), lang)
             labs = rollout_labels[done:done + len(texts)]
-            target = header_shares(rollout_labels[done:done + window], lang) if window > 0 else None
+            target = header_shares(rollout_labels[done:done + window], lang, dims) if window > 0 else None
             done += len(texts)
-            agents = [(policy_suffix(agent_state_text(a.profile, lang, depth=a.depth), lang), render_header(lab, lang),
+            agents = [(policy_suffix(agent_state_text(a.profile, lang, depth=a.depth), lang), render_header(lab, lang, dims),
                        action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
             if meanfield_for is not None:
                 meanfield_for[step.index] = mf.text
-            soft = reader_targets(reader, shares, step.actions, lang) if shares is not None and name == "mf" else None
+            soft = (reader_targets(reader, shares, step.actions, lang, dims) if shares is not None and name == "mf"
+                    else None)
             yield StepText(event.event_id, step.index, name, prefix, agents, labs, target, soft)
         if shares is not None:
             shares.update(step_labels[si])
@@ -149,12 +152,13 @@ def _per_step(plan, labels: list) -> list[list]:
     return out
 
 
-def reader_targets(reader: LabelModel, shares: ReaderShares, actions, lang: str = "zh") -> np.ndarray:
+def reader_targets(reader: LabelModel, shares: ReaderShares, actions, lang: str = "zh",
+                   dims: tuple[str, ...] = HEADER_DIMS) -> np.ndarray:
     """[agents, header categories]: the label reader's distribution for each agent of a step, dimension after
-    dimension in `header_shares`' order (HEADER_DIMS, decision.json's category order)."""
+    dimension in `header_shares`' order (`dims`, decision.json's category order)."""
     f = shares.features()
     pr = reader.probs(np.array([f + reader_state_features(a) for a in actions]))
-    cols = [pr[d][:, DIMENSIONS[d].index(c)] for d, c in header_categories(lang)]
+    cols = [pr[d][:, DIMENSIONS[d].index(c)] for d, c in header_categories(lang, dims)]
     return np.stack(cols, 1).astype(np.float32)
 
 
@@ -244,17 +248,18 @@ def is_summary(st: StepTokens) -> bool:
 def build_step_tokens(events: Iterable[Event], tokenizer, *, max_len: int, seed: int = 0, lang: str = "zh",
                       mix: dict[str, float] | None = None, chunk: int = 200,
                       meanfield_per_event: int = 0, decay: float = 0.8, window: int = 0,
-                      reader: LabelModel | None = None) -> list[StepTokens]:
+                      reader: LabelModel | None = None, dims: tuple[str, ...] = HEADER_DIMS) -> list[StepTokens]:
     """Every rollout step of `events` and `meanfield_per_event` summariser rows per event, tokenized (in chunks
     of events, so the text never piles up; per chunk the action rows, then the summariser rows)."""
     rng = random.Random(seed)
-    mf_model, labeler = CompactStatsMeanField(lang=lang, decay=decay), RulesLabeler()
+    mf_model, labeler = compact_meanfield(dims, lang=lang, decay=decay), RulesLabeler()
     out: list[StepTokens] = []
     buf: list[StepText] = []
     sums: list[SummaryText] = []
     for ev in events:
         for row in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, mix=mix, rng=rng,
-                               meanfield_per_event=meanfield_per_event, seed=seed, window=window, reader=reader):
+                               meanfield_per_event=meanfield_per_event, seed=seed, window=window, reader=reader,
+                               dims=dims):
             (sums if isinstance(row, SummaryText) else buf).append(row)
         if len(buf) >= chunk * 8:
             out.extend(tokenize_steps(tokenizer, buf, max_len))
@@ -384,11 +389,11 @@ def packed_nll(model, batch: Packed) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(packed_logits(model, batch).float(), batch.tgt, reduction="none")
 
 
-def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None:
-    """Per header dimension (HEADER_DIMS order): category -> its single token id; None when a label is not one token."""
+def header_token_ids(tokenizer, lang: str = "zh", dims: tuple[str, ...] = HEADER_DIMS) -> list[dict[str, int]] | None:
+    """Per header dimension (`dims` order): category -> its single token id; None when a label is not one token."""
     fmt = header_format(lang)
     out = []
-    for d in HEADER_DIMS:
+    for d in dims:
         ids = {c: tokenizer(t, add_special_tokens=False)["input_ids"] for c, t in fmt["labels"][d].items()}
         if any(len(v) != 1 for v in ids.values()):
             return None
@@ -398,30 +403,30 @@ def header_token_ids(tokenizer, lang: str = "zh") -> list[dict[str, int]] | None
     if len(open_ids) != 1 or len(close_ids) != 1:
         return None
     for combo in itertools.product(*(list(x) for x in out)):
-        labels = dict(zip(HEADER_DIMS, combo, strict=True))
+        labels = dict(zip(dims, combo, strict=True))
         want = [*open_ids, *(x[c] for x, c in zip(out, combo, strict=True)), *close_ids]
-        if tokenizer(render_header(labels, lang), add_special_tokens=False)["input_ids"] != want:
+        if tokenizer(render_header(labels, lang, dims), add_special_tokens=False)["input_ids"] != want:
             return None
     return out
 
 
-def header_shares(labels: list[dict[str, str]], lang: str = "zh") -> np.ndarray:
-    """The share of each header category among `labels`, dimension after dimension (HEADER_DIMS, and each
+def header_shares(labels: list[dict[str, str]], lang: str = "zh", dims: tuple[str, ...] = HEADER_DIMS) -> np.ndarray:
+    """The share of each header category among `labels`, dimension after dimension (`dims`, and each
     dimension's categories in decision.json's order: the order of `header_token_ids`), as one float32 array."""
     n = max(len(labels), 1)
-    return np.array([sum(x[d] == c for x in labels) / n for d, c in header_categories(lang)], np.float32)
+    return np.array([sum(x[d] == c for x in labels) / n for d, c in header_categories(lang, dims)], np.float32)
 
 
-def header_categories(lang: str = "zh") -> list[tuple[str, str]]:
-    """(dimension, category) of every header category: HEADER_DIMS in order, each dimension's categories in
+def header_categories(lang: str = "zh", dims: tuple[str, ...] = HEADER_DIMS) -> list[tuple[str, str]]:
+    """(dimension, category) of every header category: `dims` in order, each dimension's categories in
     decision.json's order (the order of `header_token_ids`, `header_shares` and `reader_targets`)."""
     fmt = header_format(lang)["labels"]
-    return [(d, c) for d in HEADER_DIMS for c in fmt[d]]
+    return [(d, c) for d in dims for c in fmt[d]]
 
 
 def header_slots(batch: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the target index of every header token, its example, its slot in the header: 0 = the open marker,
-    1..len(HEADER_DIMS) = the dimensions in order)."""
+    1.. = the header's dimensions in order)."""
     hdr = (batch.part == 0).nonzero().squeeze(1)
     seg = batch.seg[hdr]
     first = torch.zeros_like(seg)

@@ -21,8 +21,8 @@ from mfllm.data.load import load_events
 from mfllm.data.schema import Event
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import policy_prefix, render_context, strings
-from mfllm.simulation.decision import HEADER_DIMS, header_format, policy_spec
-from mfllm.simulation.meanfield import CompactStatsMeanField, StatsMeanField
+from mfllm.simulation.decision import HEADER_DIMS, header_format, model_header_dims, policy_spec
+from mfllm.simulation.meanfield import StatsMeanField, compact_meanfield
 from mfllm.training.decide.data import (
     StepText,
     event_steps,
@@ -36,14 +36,15 @@ CONDITIONS = ("own", "other", "empty")
 
 
 def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
-                max_agents: int = 64, decay: float = 0.8) -> tuple[list[StepText], dict[str, dict[str, str]]]:
-    """The first `max_agents` rollout agents of each event, with the mean field each step read."""
-    mf_model = CompactStatsMeanField(lang=lang, decay=decay) if compact else StatsMeanField(lang=lang, decay=decay)
+                max_agents: int = 64, decay: float = 0.8,
+                dims: tuple[str, ...] = HEADER_DIMS) -> tuple[list[StepText], dict[str, dict[str, str]]]:
+    """The first `max_agents` rollout agents of each event, with the mean field each step read (headers of `dims`)."""
+    mf_model = compact_meanfield(dims, lang=lang, decay=decay) if compact else StatsMeanField(lang=lang, decay=decay)
     labeler = RulesLabeler()
     steps, reads = [], {}
     for ev in events:
         seen, got = 0, {}
-        for st in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, meanfield_for=got):
+        for st in event_steps(ev, lang=lang, meanfield=mf_model, labeler=labeler, meanfield_for=got, dims=dims):
             if seen >= max_agents:
                 break
             keep = max_agents - seen
@@ -59,7 +60,7 @@ def probe_steps(events: list[Event], *, lang: str = "zh", header: bool = True, c
 def probe_setup(model_path: str, data: str, split: str, n_events: int, max_agents: int = 64, threads: int = 2):
     """What the teacher-forced diagnostics share: the model (eval) and tokenizer, the first `n_events` of a seeded
     shuffle of the split's events with 64+ actions (id -> event), their `probe_steps` at the model's own
-    mean-field memory (its mfllm_policy.json) and the steps' tokens."""
+    mean-field memory and header (its mfllm_policy.json) and the steps' tokens."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # heavy: only the scripts need it
 
     torch.set_num_threads(threads)
@@ -68,7 +69,8 @@ def probe_setup(model_path: str, data: str, split: str, n_events: int, max_agent
     evs = [e for e in load_events(data, split=split).events if len(e.actions) >= 64]
     random.Random(0).shuffle(evs)
     evs = evs[:n_events]
-    steps, reads = probe_steps(evs, max_agents=max_agents, decay=policy_spec(model_path).get("meanfield_decay", 0.8))
+    steps, reads = probe_steps(evs, max_agents=max_agents, decay=policy_spec(model_path).get("meanfield_decay", 0.8),
+                               dims=model_header_dims(model_path))
     return tok, model, {e.event_id: e for e in evs}, steps, reads, tokenize_steps(tok, steps, max_len=10_000)
 
 
@@ -97,18 +99,19 @@ def condition_prefixes(tokenizer, steps: list[StepText], events: dict[str, Event
 @torch.no_grad()
 def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header: bool = True, compact: bool = True,
               max_agents: int = 64, rows_per_batch: int = 4, conditions: tuple[str, ...] = CONDITIONS,
-              seed: int = 0, decay: float = 0.8) -> dict:
-    """The probe's numbers (see the module docstring). `events`: val events, at least 2."""
+              seed: int = 0, decay: float = 0.8, dims: tuple[str, ...] = HEADER_DIMS) -> dict:
+    """The probe's numbers (see the module docstring). `events`: val events, at least 2; `dims`: the header's."""
     was_training = model.training
     model.eval()
     evmap = {e.event_id: e for e in events}
-    steps, reads = probe_steps(events, lang=lang, header=header, compact=compact, max_agents=max_agents, decay=decay)
+    steps, reads = probe_steps(events, lang=lang, header=header, compact=compact, max_agents=max_agents, decay=decay,
+                               dims=dims)
     ids = [e.event_id for e in events if reads.get(e.event_id)]
     order = ids[:]
     random.Random(seed).shuffle(order)
     donor = {e: order[(i + 1) % len(order)] for i, e in enumerate(order)}
     toks = tokenize_steps(tokenizer, steps, max_len=10_000)  # no drop: every condition scores the same targets
-    slot_ids = header_token_ids(tokenizer, lang) if header else None
+    slot_ids = header_token_ids(tokenizer, lang, dims) if header else None
     res: dict[str, dict] = {}
     ev_of = [st.event_id for st, tk in zip(steps, toks, strict=True) for _ in tk.suffixes]
     labels = [lab for st in steps for lab in st.labels]
@@ -143,7 +146,7 @@ def run_probe(model, tokenizer, events: list[Event], *, lang: str = "zh", header
                                               "ci95": [float(per_event.mean() - 1.96 * se), float(per_event.mean() + 1.96 * se)],
                                               "events_better": float((per_event > 0).mean())}
     if slot_ids is not None and "own" in res:
-        out["header_accuracy"] = _accuracy(res["own"]["hits"], labels)
+        out["header_accuracy"] = _accuracy(res["own"]["hits"], labels, dims)
     return _restore(model, was_training, out)
 
 
@@ -166,7 +169,7 @@ def _slot_hits(logits: torch.Tensor, b, slot_ids: list[dict[str, int]], fmt: dic
     for p in hdr_pos:
         by_seg.setdefault(int(b.seg[p]), []).append(p)
     for ex in range(b.n_examples):
-        pos = by_seg.get(ex, [])[open_len:open_len + len(HEADER_DIMS)]
+        pos = by_seg.get(ex, [])[open_len:open_len + len(slot_ids)]
         pred = []
         for slot, p in zip(slot_ids, pos, strict=False):
             cats = list(slot)
@@ -176,17 +179,18 @@ def _slot_hits(logits: torch.Tensor, b, slot_ids: list[dict[str, int]], fmt: dic
     return out
 
 
-def _accuracy(preds: list[list[str]], labels: list[dict[str, str]]) -> dict:
+def _accuracy(preds: list[list[str]], labels: list[dict[str, str]], dims: tuple[str, ...]) -> dict:
+    """Per header slot and for whole headers ("all_dims": every slot right), against the rules labels."""
     per = Counter()
     joint = 0
-    majority = {d: Counter(lab[d] for lab in labels).most_common(1)[0][0] for d in HEADER_DIMS}
+    majority = {d: Counter(lab[d] for lab in labels).most_common(1)[0][0] for d in dims}
     base = Counter()
     for p, lab in zip(preds, labels, strict=True):
-        ok = [len(p) > i and p[i] == lab[d] for i, d in enumerate(HEADER_DIMS)]
-        for d, o in zip(HEADER_DIMS, ok, strict=True):
+        ok = [len(p) > i and p[i] == lab[d] for i, d in enumerate(dims)]
+        for d, o in zip(dims, ok, strict=True):
             per[d] += o
             base[d] += lab[d] == majority[d]
         joint += all(ok)
     n = len(labels) or 1
-    return {"teacher_forced_slot_accuracy": {d: per[d] / n for d in HEADER_DIMS}, "all_four": joint / n,
-            "majority_class_accuracy": {d: base[d] / n for d in HEADER_DIMS}}
+    return {"teacher_forced_slot_accuracy": {d: per[d] / n for d in dims}, "all_dims": joint / n,
+            "majority_class_accuracy": {d: base[d] / n for d in dims}}

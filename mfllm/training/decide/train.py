@@ -39,8 +39,8 @@ from mfllm.errors import ConfigError
 from mfllm.files import atomic_write_json, atomic_write_text
 from mfllm.labels.rules import RulesLabeler
 from mfllm.paths import MINI_MODEL
-from mfllm.simulation.decision import HEADER_DIMS, POLICY_FILE
-from mfllm.simulation.meanfield import CompactStatsMeanField
+from mfllm.simulation.decision import POLICY_FILE, header_dims
+from mfllm.simulation.meanfield import compact_meanfield
 from mfllm.simulation.steps import plan_steps
 from mfllm.training.decide.data import (
     Contrast,
@@ -75,6 +75,9 @@ class DecideConfig(BaseModel):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     header_weight: float = Field(10.0, ge=0, description="loss weight of the header tokens (text tokens: 1)")
+    header_dims: Literal[4, 8] = Field(4, description="dimensions the decision header names: 4 (behaviour, stance, "
+                                       "belief, emotion; the first decide models) or 8 (all the evaluation scores; "
+                                       "the model then reads the stats-compact8 mean field)")
     # The shipped run began with header weight 2 and was resumed at step 200 with 10 (the header learned too
     # slowly: its log-loss was still above the marginal's); these two fields make that run reproducible.
     early_header_weight: float | None = Field(None, ge=0, description="header weight before early_steps")
@@ -98,8 +101,8 @@ class DecideConfig(BaseModel):
                                    "agents (0: off). It makes the text carry out the header's decision")
     # behaviour is left out by default: with it, the repost decision broke (20 val events, 8-dimension header:
     # behaviour KL 0.09 -> 0.24, the text no longer a plain repost after a repost header)
-    contrast_dims: list[str] = Field(default_factory=lambda: [d for d in HEADER_DIMS if d != "behavior_type"],
-                                     description="header dimensions a contrast copy may change")
+    contrast_dims: list[str] | None = Field(None, description="header dimensions a contrast copy may change (None: "
+                                            "all the header names but behaviour)")
     reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
@@ -167,7 +170,8 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
     events = load_split(cfg.data, "train", cfg.max_train_events)
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
                               meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay,
-                              window=cfg.crowd_window if cfg.crowd_weight > 0 else 0, reader=reader)
+                              window=cfg.crowd_window if cfg.crowd_weight > 0 else 0, reader=reader,
+                              dims=header_dims(cfg.header_dims))
     n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
             "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
@@ -192,25 +196,29 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
-    token_ids = header_token_ids(tokenizer, cfg.lang)
+    dims = header_dims(cfg.header_dims)
+    token_ids = header_token_ids(tokenizer, cfg.lang, dims)
     asked = [f for f in ("crowd_weight", "reader_weight", "contrast_weight") if getattr(cfg, f) > 0]
     if asked and token_ids is None:
         raise ConfigError(f"{asked[0]} needs every header to be one token per label in the init model's tokenizer",
                           field=asked[0])
-    unknown = sorted(set(cfg.contrast_dims) - set(HEADER_DIMS))
-    if cfg.contrast_weight > 0 and (unknown or not cfg.contrast_dims):
+    contrast_dims = [d for d in dims if d != "behavior_type"] if cfg.contrast_dims is None else cfg.contrast_dims
+    unknown = sorted(set(contrast_dims) - set(dims))
+    if cfg.contrast_weight > 0 and (unknown or not contrast_dims):
         what = f"unknown dimension(s) {', '.join(unknown)}" if unknown else "no dimension"
-        raise ConfigError(f"{what}; a header's dimensions are {', '.join(HEADER_DIMS)}", field="contrast_dims")
+        raise ConfigError(f"{what}; this header's dimensions (header_dims {cfg.header_dims}) are {', '.join(dims)}",
+                          field="contrast_dims")
     cat_ids = [torch.tensor(list(ids.values())) for ids in token_ids or []]
     contrast = None
     if cfg.contrast_weight > 0:
         # per header dimension the categories a copy may switch to (None: never changed); plain reposts get no
         # copy: their text carries none of the other dimensions' decisions, and with copies the model learned to
         # write content after a repost header (20 val events: behaviour KL 0.09 -> 0.16)
-        b = HEADER_DIMS.index("behavior_type")
-        contrast = Contrast([list(ids.values()) if d in cfg.contrast_dims else None
-                             for d, ids in zip(HEADER_DIMS, token_ids, strict=True)],
+        b = dims.index("behavior_type")
+        contrast = Contrast([list(ids.values()) if d in contrast_dims else None
+                             for d, ids in zip(dims, token_ids, strict=True)],
                             np.random.default_rng(cfg.seed + 7), (b, token_ids[b]["share"]))  # a resumed run redraws
+        log(f"contrast: copies change one of {', '.join(contrast_dims)}")
     max_len = AutoConfig.from_pretrained(cfg.init).max_position_embeddings
     steps, data_info = _load_steps(cfg, tokenizer, max_len, work, log)
     val_events = load_split(cfg.data, "val")
@@ -282,12 +290,12 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
         # the probe needs >= 2 val events of 64+ actions (another event's mean field); small data has none
         if len(probe_events) >= 2 and ((s + 1) % cfg.probe_every == 0 or s + 1 == cfg.steps):
             p = run_probe(model, tokenizer, probe_events, lang=cfg.lang, conditions=("own", "other"),
-                          decay=cfg.meanfield_decay)
+                          decay=cfg.meanfield_decay, dims=dims)
             row["probe"] = {"gain_total": round(p["gain"]["other-own:total"]["mean_per_action"], 4),
                             "gain_header": round(p["gain"]["other-own:header"]["mean_per_action"], 4),
                             "nll_own": round(p["nll_per_action"]["own"]["total"], 4),
                             "header_nll_own": round(p["nll_per_action"]["own"]["header"], 4),
-                            "all_four": round(p["header_accuracy"]["all_four"], 4)}
+                            "all_dims": round(p["header_accuracy"]["all_dims"], 4)}
         history.append(row)
         if (s + 1) % 10 == 0 or "probe" in row:
             log(json.dumps(row))
@@ -307,8 +315,10 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
     model.to("cpu").half().save_pretrained(dest, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(dest)
-    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "meanfield": CompactStatsMeanField.name,
-                                           "meanfield_decay": cfg.meanfield_decay, "lang": cfg.lang})
+    meanfield = compact_meanfield(header_dims(cfg.header_dims)).name
+    atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "header_dims": cfg.header_dims,
+                                           "meanfield": meanfield, "meanfield_decay": cfg.meanfield_decay,
+                                           "lang": cfg.lang})
     keys = ["step", "loss", "lr", "examples", "train_seconds", "examples_per_s"]
     lines = [",".join([*keys, "probe_gain_total", "probe_gain_header"])]
     for h in history:

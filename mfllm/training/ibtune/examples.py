@@ -20,7 +20,7 @@ from mfllm.files import atomic_open
 from mfllm.labels.rules import RulesLabeler
 from mfllm.prompts.templates import action_to_target, meanfield_prompt, policy_prefix, policy_suffix, strings
 from mfllm.seeds import derive_seed
-from mfllm.simulation.decision import render_header
+from mfllm.simulation.decision import model_header_dims, render_header
 from mfllm.simulation.history import History
 from mfllm.simulation.meanfield import MeanFieldUpdate, make_meanfield
 from mfllm.simulation.methods import make_method
@@ -54,8 +54,8 @@ def policy_targets(texts: list[str], cfg: TuneConfig) -> list[str]:
     targets = [action_to_target(t, cfg.lang) for t in texts]
     if not cfg.policy_sim().get("decision_header"):
         return targets
-    labels = RulesLabeler().label(list(texts))
-    return [render_header(lab.labels, cfg.lang) + t for lab, t in zip(labels, targets, strict=True)]
+    labels, dims = RulesLabeler().label(list(texts)), model_header_dims(cfg.base)
+    return [render_header(lab.labels, cfg.lang, dims) + t for lab, t in zip(labels, targets, strict=True)]
 
 
 def meanfield_chain(evs: list[EventSteps], upto: list[int], *, how: str, lang: str, roles: Roles | None = None,
