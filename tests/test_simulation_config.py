@@ -18,7 +18,7 @@ from mfllm.simulation.runner import check_config
 def test_literal_names_match_the_registries():
     assert choices("method") == tuple(METHODS)
     assert choices("lang") == LANGS
-    assert choices("meanfield") == ("stats", "stats-compact", "llm")
+    assert choices("meanfield") == ("stats", "stats-compact", "stats-compact8", "llm")
     assert make_meanfield("stats-compact").name == "stats-compact"
 
 
@@ -49,4 +49,4 @@ def test_cli_defaults_and_choices_come_from_simconfig():
             checked += 1
     assert checked >= 12
     out = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).stdout
-    assert "mf | state | recent | popular" in out and "stats | stats-compact | llm" in out and "zh | en" in out
+    assert "mf | state | recent | popular" in out and "stats | stats-compact | stats-compact8 | llm" in out and "zh | en" in out
