@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mfllm.cli import app
 from mfllm.errors import ConfigError
 from mfllm.paths import ASSETS, DEFAULT_MODEL, MINI_MODEL
-from mfllm.simulation.decision import HEADER_DIMS, header_format
+from mfllm.simulation.decision import FULL_HEADER_DIMS, header_format
 
 DECIDE = ASSETS / "models" / "mfllm-decide"
 ARGS = ["simulate", "--limit", "1", "--step-size", "4", "--warmup", "8", "--max-agents", "8", "--seed", "3", "--quiet"]
@@ -34,15 +34,15 @@ def test_decide_model_run_splits_the_header(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     sim = cfg.get("sim", cfg)
-    assert sim["decision_header"] is True and sim["meanfield"] == "stats-compact"
+    assert sim["decision_header"] is True and sim["meanfield"] == "stats-compact8"
     recs, acts = _actions(out)
     assert len(acts) == 8
-    assert "转" in recs[-1]["meanfield"] and "|支" in recs[-1]["meanfield"]  # the compact label shares
+    assert "转" in recs[-1]["meanfield"] and "|支" in recs[-1]["meanfield"] and "|正" in recs[-1]["meanfield"]
     cats = {d: set(c) for d, c in header_format("zh")["labels"].items()}
     for a in acts:
         assert isinstance(a["decision"], dict)
-        assert not a["decision"] or (set(a["decision"]) == set(HEADER_DIMS)  # the shipped model's header: 4
-                                     and all(a["decision"][d] in cats[d] for d in HEADER_DIMS))
+        assert not a["decision"] or (set(a["decision"]) == set(FULL_HEADER_DIMS)  # the shipped model's header: 8
+                                     and all(a["decision"][d] in cats[d] for d in FULL_HEADER_DIMS))
         assert not (a["sim_text"] or "").startswith("【") or a["decision"] == {}
     assert sum(bool(a["decision"]) for a in acts) >= 6  # the model writes its header
 
@@ -167,11 +167,11 @@ def test_every_entry_point_runs_a_decide_model_the_same_way():
     decide, mini = FidelitySettings(out="x", model=str(DECIDE)), FidelitySettings(out="x", model=str(MINI_MODEL))
     for row in ("mf", "state"):
         cfg = sim_config(decide, parse_variant(f"r={row}"), 48)
-        assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+        assert cfg.decision_header is True and cfg.meanfield == "stats-compact8"
         assert sim_config(mini, parse_variant(f"r={row}"), 48).decision_header is False
     assert sim_config(decide, parse_variant("r=mf-llm"), 48).meanfield == "llm"
     cfg = _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, str(DECIDE))
-    assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+    assert cfg.decision_header is True and cfg.meanfield == "stats-compact8"
     assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, str(MINI_MODEL)).decision_header is False
 
 
@@ -192,13 +192,13 @@ def test_no_model_option_follows_the_model_that_runs():
     assert build_request({**opts, "model": str(MINI_MODEL)}, {"model"}).sim.decision_header is False
     served = {**opts, "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}  # named: nothing is asked
     cfg = build_request({**served, "model": DEFAULT_MODEL.name}, {"model"}).sim
-    assert cfg.decision_header is True and cfg.meanfield == "stats-compact"
+    assert cfg.decision_header is True and cfg.meanfield == "stats-compact8"
     assert build_request({**served, "model": "gpt-4o"}, {"model"}).sim.decision_header is False
     assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, None).decision_header is True
     assert _config("mf", "stats", 16, "zh", 0, 1.0, 1.0, 48, "gpt-4o", "openai").decision_header is False
     assert sim_config(FidelitySettings(out="x"), parse_variant("r=mf"), 48).decision_header is True
     remote = FidelitySettings(out="x", backend="openai", model=DEFAULT_MODEL.name)
-    assert sim_config(remote, parse_variant("r=mf"), 48).meanfield == "stats-compact"
+    assert sim_config(remote, parse_variant("r=mf"), 48).meanfield == "stats-compact8"
 
 
 def test_meanfield_header_counts_the_simulated_headers(tmp_path):
@@ -208,7 +208,7 @@ def test_meanfield_header_counts_the_simulated_headers(tmp_path):
     from mfllm.labels.rules import RulesLabeler
     from mfllm.paths import SAMPLE_DATA
     from mfllm.simulation.config import SimConfig
-    from mfllm.simulation.decision import HEADER_DIMS, apply_policy
+    from mfllm.simulation.decision import apply_policy
     from mfllm.simulation.engine import Simulator
 
     ev = load_events(SAMPLE_DATA).events[0]
@@ -227,7 +227,7 @@ def test_meanfield_header_counts_the_simulated_headers(tmp_path):
     after = first.meanfield_state["data"]["counts"]
     text_labels = RulesLabeler().label([a.sim_text or "" for a in first.actions])
     differ = 0
-    for d in HEADER_DIMS:
+    for d in FULL_HEADER_DIMS:
         want = dict(before[d])
         for a, lab in zip(first.actions, text_labels, strict=True):
             cat = (a.decision or {}).get(d) or lab.labels[d]
@@ -236,7 +236,7 @@ def test_meanfield_header_counts_the_simulated_headers(tmp_path):
         assert after[d] == want, d
     assert differ > 0  # some header disagrees with its text, so the counts above tell the two apart
     plain = [r for r in recs[False] if r.phase == "rollout"][0].meanfield_state["data"]["counts"]
-    assert any(plain[d] != after[d] for d in HEADER_DIMS)
+    assert any(plain[d] != after[d] for d in FULL_HEADER_DIMS)
     # refused, not silently ignored: no decision header (mfllm-mini), or teacher forcing
     for bad in ({"meanfield_header": True}, {**sim, "teacher_forcing": True}):
         with pytest.raises(ConfigError, match="meanfield_header"):

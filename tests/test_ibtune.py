@@ -166,16 +166,17 @@ def test_a_decide_base_model_is_tuned_on_its_own_target_format(tiny_model_dir, e
     from mfllm.labels.rules import RulesLabeler
     from mfllm.paths import DEFAULT_MODEL
     from mfllm.prompts.templates import action_to_target
-    from mfllm.simulation.decision import HEADER_DIMS, render_header, split_header
+    from mfllm.simulation.decision import FULL_HEADER_DIMS, render_header, split_header
 
     texts = [a.text for a in events[0].actions[:6]]
     labels = RulesLabeler().label(texts)
     decide = _cfg(tmp_path / "d", str(DEFAULT_MODEL), context="state")
-    assert decide.policy_sim() == {"method": "mf", "decision_header": True, "meanfield": "stats-compact",
+    assert decide.policy_sim() == {"method": "mf", "decision_header": True, "meanfield": "stats-compact8",
                                    "meanfield_decay": 1.0}
-    got = ib.policy_targets(texts, decide)
-    assert got == [render_header(lab.labels) + action_to_target(t) for lab, t in zip(labels, texts, strict=True)]
-    assert [split_header(g).labels for g in got] == [{d: lab.labels[d] for d in HEADER_DIMS} for lab in labels]
+    got = ib.policy_targets(texts, decide)  # the shipped model's header names all eight dimensions
+    assert got == [render_header(lab.labels, "zh", FULL_HEADER_DIMS) + action_to_target(t)
+                   for lab, t in zip(labels, texts, strict=True)]
+    assert [split_header(g).labels for g in got] == [{d: lab.labels[d] for d in FULL_HEADER_DIMS} for lab in labels]
     exs = ib.build_policy_examples(events, decide, 6, random.Random(0), None)
     assert exs and all(split_header(e.target).labels is not None for e in exs)
 

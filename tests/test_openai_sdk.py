@@ -287,7 +287,7 @@ def test_simulate_against_mfllm_serve_with_no_model_option(mini, tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["backend"]["model"] == DEFAULT_MODEL.name and cfg["model"] == DEFAULT_MODEL.name
     # the server's model, asked for by name, is the shipped decide model: its header is split off, as in a local run
-    assert cfg["sim"]["decision_header"] is True and cfg["sim"]["meanfield"] == "stats-compact"
+    assert cfg["sim"]["decision_header"] is True and cfg["sim"]["meanfield"] == "stats-compact8"
     recs = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
     acts = [a for r in recs if r["phase"] == "rollout" for a in r["actions"]]
     assert acts and all("decision" in a for a in acts) and any(a["decision"] for a in acts)

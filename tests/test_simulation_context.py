@@ -123,7 +123,7 @@ def test_the_run_config_sets_the_stats_mean_fields_memory():
     from mfllm.simulation.config import SimConfig
     from mfllm.simulation.engine import Simulator
 
-    for name in ("stats", "stats-compact"):
+    for name in ("stats", "stats-compact", "stats-compact8"):
         assert Simulator(None, SimConfig(meanfield=name)).meanfield.decay == 0.8  # the trained-with default
         keep = Simulator(None, SimConfig(meanfield=name, meanfield_decay=1.0)).meanfield
         s1 = keep.update_many([MeanFieldUpdate("e", keep.initial(), [("u", "")] * 4)])[0]

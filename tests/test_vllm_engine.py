@@ -139,6 +139,13 @@ def test_greedy_and_scores_match_hf(engine, hf, events):
     assert all(abs(x - y) < 1e-3 * max(1.0, abs(y)) for (x, _), (y, _) in zip(v, h, strict=True))
 
 
+def _cut_tail(got: str, ref: str) -> bool:
+    """The same tokens, cut by max_new_tokens inside a character: hf decodes the partial bytes (U+FFFD), vLLM's
+    incremental detokenizer holds back the unfinished tail. True when one text is the other plus such a tail."""
+    short, long_ = sorted((got, ref), key=len)
+    return long_.startswith(short) and "\ufffd" in long_[len(short):] and len(long_) - len(short) <= 4
+
+
 def test_lora_adapters_through_lora_request(engine, hf, events):
     """IB-Tune's policy adapter and a random one: vLLM's LoRA gives hf/peft's log-likelihoods and greedy texts,
     each adapter changes the model, and a batch mixing adapters equals the adapters run separately."""
@@ -161,7 +168,8 @@ def test_lora_adapters_through_lora_request(engine, hf, events):
         print("lora", role, "mismatch rows (row, hf role whose text it is):",
               [(i, [k for k in roles if want[k][i] == sep[role][i]]) for i in range(9) if sep[role][i] != want[role][i]])
     for role in roles:
-        assert sep[role] == want[role], role
+        for got, ref in zip(sep[role], want[role], strict=True):
+            assert got == ref or _cut_tail(got, ref), (role, got, ref)
     assert sep["random"] != sep[None]
     mixed = [dataclasses.replace(r, adapter=roles[i % 3]) for i, r in enumerate(greedy)]
     assert texts(engine.generate(mixed)) == [sep[roles[i % 3]][i] for i in range(9)]
