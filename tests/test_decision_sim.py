@@ -110,7 +110,7 @@ def test_train_decide_with_the_contrast_term_logs_it_and_refuses_unknown_dimensi
 
     fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
     base = {"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1, "meanfield_decay": 1.0,
-            "contrast_weight": 5.0, "init": str(DECIDE)}
+            "contrast_weight": 5.0, "init": str(DECIDE), "header_dims": 4}  # the first layout still trains
     cfg = tmp_path / "decide.json"
     cfg.write_text(json.dumps(base))
     res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "model"),
@@ -132,15 +132,14 @@ def test_train_decide_with_the_contrast_term_logs_it_and_refuses_unknown_dimensi
 
 
 def test_an_eight_dimension_decide_model_trains_and_runs_with_its_own_header_and_mean_field(tmp_path):
-    """`header_dims` 8: the header names every label dimension, the model reads stats-compact8 (sentiment and
-    subjectivity shares too), its policy file says both, and `mfllm simulate` runs it with them."""
+    """`header_dims` 8 (the default): the header names every label dimension, the model reads stats-compact8
+    (sentiment and subjectivity shares too), its policy file says both, and `mfllm simulate` runs it with them."""
     from pathlib import Path
 
     fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
     cfg = tmp_path / "decide.json"
     cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1,
-                               "meanfield_decay": 1.0, "contrast_weight": 5.0, "header_dims": 8,
-                               "init": str(DECIDE)}))
+                               "meanfield_decay": 1.0, "contrast_weight": 5.0, "init": str(DECIDE)}))
     model = tmp_path / "model"
     res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(model), "--steps", "10",
                                    "--config", str(cfg)])

@@ -192,8 +192,9 @@ class FullCompactStatsMeanField(CompactStatsMeanField):
 
 
 def compact_meanfield(dims: tuple[str, ...], lang: str = "zh", **options) -> CompactStatsMeanField:
-    """The compact mean field a decide model with header dimensions `dims` reads."""
-    full = "sentiment_tendency" in dims
+    """The compact mean field a decide model with header dimensions `dims` reads: stats-compact8 when the header
+    decides sentiment or subjectivity, the two dimensions whose shares stats-compact leaves out."""
+    full = bool({"sentiment_tendency", "subjectivity"} & set(dims))
     return (FullCompactStatsMeanField if full else CompactStatsMeanField)(lang=lang, **options)
 
 

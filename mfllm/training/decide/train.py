@@ -75,9 +75,10 @@ class DecideConfig(BaseModel):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     header_weight: float = Field(10.0, ge=0, description="loss weight of the header tokens (text tokens: 1)")
-    header_dims: Literal[4, 8] = Field(4, description="dimensions the decision header names: 4 (behaviour, stance, "
-                                       "belief, emotion; the first decide models) or 8 (all the evaluation scores; "
-                                       "the model then reads the stats-compact8 mean field)")
+    header_dims: Literal[4, 8] = Field(8, description="dimensions the decision header names: 8 (all the evaluation "
+                                       "scores; the model reads the stats-compact8 mean field; the shipped "
+                                       "mfllm-decide) or 4 (behaviour, stance, belief, emotion; stats-compact; "
+                                       "its first version and stages 1-3 of its recipe)")
     # The shipped run began with header weight 2 and was resumed at step 200 with 10 (the header learned too
     # slowly: its log-loss was still above the marginal's); these two fields make that run reproducible.
     early_header_weight: float | None = Field(None, ge=0, description="header weight before early_steps")
