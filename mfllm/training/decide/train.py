@@ -111,6 +111,11 @@ class DecideConfig(BaseModel):
     threads: int | None = 2
     bf16: bool = Field(True, description="bfloat16 autocast on the CPU (weights and optimizer stay float32)")
 
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """The header's dimensions, in header order (`header_dims` of them)."""
+        return header_dims(self.header_dims)
+
 
 def _lr(cfg: DecideConfig, s: int) -> float:
     if s < cfg.warmup_steps:
@@ -172,7 +177,7 @@ def _load_steps(cfg: DecideConfig, tokenizer, max_len: int, work: Path, log) -> 
     steps = build_step_tokens(events, tokenizer, max_len=max_len, seed=cfg.seed, lang=cfg.lang, mix=cfg.mix,
                               meanfield_per_event=cfg.meanfield_per_event, decay=cfg.meanfield_decay,
                               window=cfg.crowd_window if cfg.crowd_weight > 0 else 0, reader=reader,
-                              dims=header_dims(cfg.header_dims))
+                              dims=cfg.dims)
     n_sum = sum(map(is_summary, steps))
     info = {"train_events": len(events), "train_actions": sum(len(e.actions) for e in events),
             "train_steps": len(steps) - n_sum, "train_examples": sum(len(s.suffixes) for s in steps) - n_sum,
@@ -197,7 +202,7 @@ def train_decide(cfg: DecideConfig, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init)
-    dims = header_dims(cfg.header_dims)
+    dims = cfg.dims
     token_ids = header_token_ids(tokenizer, cfg.lang, dims)
     asked = [f for f in ("crowd_weight", "reader_weight", "contrast_weight") if getattr(cfg, f) > 0]
     if asked and token_ids is None:
@@ -316,7 +321,7 @@ def export(cfg: DecideConfig, model, tokenizer, history: list[dict], data_info: 
     model.to("cpu").half().save_pretrained(dest, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(dest)
-    meanfield = compact_meanfield(header_dims(cfg.header_dims)).name
+    meanfield = compact_meanfield(cfg.dims).name
     atomic_write_json(dest / POLICY_FILE, {"decision_header": True, "header_dims": cfg.header_dims,
                                            "meanfield": meanfield, "meanfield_decay": cfg.meanfield_decay,
                                            "lang": cfg.lang})
