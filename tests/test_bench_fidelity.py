@@ -453,6 +453,42 @@ def test_mf_oracle_copies_an_events_mix_including_its_small_shares():
     assert got[2] < 0.08 and np.abs(got - counts / counts.sum()).sum() / 2 < 0.07, got
 
 
+def test_a_conditional_reader_reads_the_labels_of_the_dimensions_given_before_it():
+    """Emotion follows stance (support: happy, oppose: angry, neutral: calm). The plain reader can only give
+    emotion's mix; one given stance gives the emotion that goes with it, and it needs stance to be passed."""
+    rng = np.random.default_rng(3)
+    prof = Profile(uid="u")
+    act = Action(action_id="a", agent_id="u", time=0.0, text="", parent=None, profile=prof)
+    follows = {"support": "happy", "oppose": "angry", "neutral": "calm"}
+    base = {d: c[0] for d, c in DIMENSIONS.items()}
+    xs, ys = [], []
+    for _ in range(60):
+        steps = []
+        for _ in range(4):
+            stances = rng.choice(DIMENSIONS["stance"], size=8)
+            steps.append([(act, ActionLabels(labels=base | {"stance": s, "sentiment_state": follows[s]}))
+                          for s in stances])
+        x, y = mf_oracle.training_rows(steps)
+        xs += x
+        ys += y
+    plain = mf_oracle.fit(xs, ys)
+    cond = mf_oracle.fit(xs, ys, given={"sentiment_state": ("stance",)})
+    assert cond.fit_info["given"] == {"sentiment_state": ["stance"]}
+    sh = mf_oracle.Shares()
+    sh.update([al for _, al in steps[0]])
+    x = np.array([sh.features() + mf_oracle.state_features(act)] * 3)
+    labels = [{"stance": s} for s in ("support", "oppose", "neutral")]
+    emo = DIMENSIONS["sentiment_state"]
+    got = cond.probs(x, labels)["sentiment_state"]
+    for row, lab in zip(got, labels, strict=True):
+        assert row[emo.index(follows[lab["stance"]])] > 0.9, row
+    flat = plain.probs(x)["sentiment_state"]
+    assert flat.max() < 0.7 and np.allclose(flat[0], flat[1])  # the same features: the same marginal
+    assert np.allclose(cond.probs(x, labels)["stance"], plain.probs(x)["stance"], atol=1e-3)  # not given anything
+    with pytest.raises(ValueError, match="stance"):
+        cond.probs(x)
+
+
 # ----------------------------------------------------------------------------------- pooling, end to end
 
 

@@ -318,6 +318,35 @@ def test_reader_targets_are_the_readers_distribution_given_the_real_shares_befor
     assert np.allclose(st.reader[:, :2].sum(1), 1) and np.allclose(st.reader[:, -6:].sum(1), 1)
 
 
+def test_a_conditional_readers_targets_read_each_agents_real_labels_of_the_earlier_slots(events):
+    """With a reader conditional on the header's earlier slots, an agent's target for a slot is the reader's
+    distribution given that agent's real labels there (what the header says before it, teacher forced)."""
+    plain = _random_reader(events, seed=4)
+    given = {d: HEADER_DIMS[:j] for j, d in enumerate(HEADER_DIMS)}
+    rng = np.random.default_rng(5)
+    weights = {d: np.vstack([w, rng.normal(size=(sum(len(DIMENSIONS[g]) for g in given.get(d, ())), w.shape[1]))])
+               for d, w in plain.weights.items()}
+    reader = mf_oracle.LabelModel(weights, {}, given)
+    ev = events[0]
+    st = next(s for s in event_steps(ev, step_size=8, reader=reader) if s.step > 7)
+    sh = mf_oracle.Shares()
+    labs = RulesLabeler().label([a.text for a in ev.actions])
+    for k in range(st.step):
+        sh.update(labs[k * 8:(k + 1) * 8])
+    acts = ev.actions[st.step * 8:st.step * 8 + len(st.agents)]
+    x = np.array([sh.features() + mf_oracle.state_features(a) for a in acts])
+    real = [lab.labels for lab in labs[st.step * 8:st.step * 8 + len(st.agents)]]
+    assert st.labels == real
+    pr = reader.probs(x, real)
+    fmt = header_format("zh")["labels"]
+    want = np.stack([pr[d][:, DIMENSIONS[d].index(c)] for d in HEADER_DIMS for c in fmt[d]], 1)
+    assert np.allclose(st.reader, want, atol=1e-6)
+    # the first slot reads nothing; a later one changes when the real labels before it change
+    other = [r | {"behavior_type": "share" if r["behavior_type"] == "comment" else "comment"} for r in real]
+    assert np.allclose(reader.probs(x, other)["behavior_type"], pr["behavior_type"])
+    assert not np.allclose(reader.probs(x, other)["stance"], pr["stance"])
+
+
 def test_reader_term_is_each_agents_kl_to_the_reader_and_zero_when_the_model_agrees(events, decide):
     reader = _random_reader(events, seed=1)
     steps = list(event_steps(events[0], reader=reader, mix={"mf": 0.5, "state": 0.5}, rng=random.Random(3)))[:3]

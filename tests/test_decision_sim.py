@@ -83,20 +83,23 @@ def test_train_decide_cli_writes_a_model_that_simulate_runs(tmp_path):
     assert bad.exit_code == 2 and "steps" in bad.output
 
 
-def test_train_decide_with_the_reader_term_fits_a_label_reader_on_the_training_split(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_train_decide_with_the_reader_term_fits_a_label_reader_on_the_training_split(tmp_path, conditional):
     """`reader_weight` > 0: the label reader (mfllm.labels.reader, the bench's mf-oracle) is fitted on the training events, the `mf`
-    steps carry its targets and the step log shows the term."""
+    steps carry its targets and the step log shows the term; `reader_conditional`: a reader whose slots read
+    the header's earlier slots."""
     from pathlib import Path
 
     fixtures = Path(__file__).parent / "fixtures" / "data" / "ced"
     cfg = tmp_path / "decide.json"
     cfg.write_text(json.dumps({"probe_every": 1000, "ckpt_every": 1000, "rows_per_step": 2, "warmup_steps": 1,
                                "meanfield_decay": 1.0, "reader_weight": 40.0, "mix": {"mf": 1.0},
-                               "init": str(DECIDE)}))
+                               "reader_conditional": conditional, "init": str(DECIDE)}))
     res = CliRunner().invoke(app, ["train", "decide", "--data", str(fixtures), "--out", str(tmp_path / "model"),
                                    "--steps", "10", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
-    assert "reader: fitted on" in res.output
+    assert ("reader (conditional on the earlier header slots): fitted on" in res.output) == conditional
+    assert ("reader: fitted on" in res.output) != conditional
     terms = [float(x) for x in re.findall(r'"reader": ([0-9.]+)', res.output)]
     assert len(terms) == 1 and terms[0] > 0  # the step log: every 10th step
     info = json.loads((tmp_path / "model" / "training_info.json").read_text(encoding="utf-8"))

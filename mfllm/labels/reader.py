@@ -10,13 +10,18 @@ the reader can copy a mix: p = share is linear in log shares) and the agent's st
 repost depth). Run closed loop on an event (``closed_loop``): the warm-up's real labels fill the
 shares; each rollout step's agents draw their labels from the model, and the drawn labels update the
 shares for the next step.
+
+A reader may also be *conditional* (``given``): a dimension's model then also reads the labels of the
+dimensions named before it (one-hot), as a decision header writes its slots one after the other. Its
+distribution for a slot is then what a header should say there given the slots already written, which
+is what ``mfllm train decide``'s reader term compares with (``reader_conditional``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,15 +85,37 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def given_features(labels: Sequence[dict[str, str]], dims: Sequence[str]) -> np.ndarray:
+    """[rows, categories of `dims`]: the one-hot labels of `dims` (a missing label: all zeros)."""
+    out = np.zeros((len(labels), sum(len(DIMENSIONS[d]) for d in dims)))
+    k = 0
+    for d in dims:
+        cats = DIMENSIONS[d]
+        for i, lab in enumerate(labels):
+            if lab.get(d) in cats:
+                out[i, k + cats.index(lab[d])] = 1.0
+        k += len(cats)
+    return out
+
+
 @dataclass
 class LabelModel:
-    """Per dimension, a (features x categories) weight matrix."""
+    """Per dimension, a (features x categories) weight matrix; `given[d]`: the dimensions whose labels
+    dimension d's model also reads (its features, then their one-hots; empty for a plain reader)."""
 
     weights: dict[str, np.ndarray]
     fit_info: dict
+    given: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def probs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {d: _softmax(x @ w) for d, w in self.weights.items()}
+    def probs(self, x: np.ndarray, labels: Sequence[dict[str, str]] | None = None) -> dict[str, np.ndarray]:
+        """Per dimension, [rows, categories]; `labels` (one dict per row) are required by a conditional reader."""
+        out = {}
+        for d, w in self.weights.items():
+            g = self.given.get(d, ())
+            if g and labels is None:
+                raise ValueError(f"the reader of {d!r} is conditional on {list(g)}: pass their labels")
+            out[d] = _softmax((np.hstack([x, given_features(labels, g)]) if g else x) @ w)
+        return out
 
     def to_npz(self) -> dict[str, np.ndarray]:
         return {f"w_{d}": w for d, w in self.weights.items()}
@@ -98,9 +125,10 @@ class LabelModel:
         return cls({d: np.asarray(z[f"w_{d}"]) for d in DIMENSIONS}, fit_info)
 
 
-def fit_events(events: Iterable[Sequence[Sequence[tuple[Action, ActionLabels | None]]]]) -> LabelModel:
+def fit_events(events: Iterable[Sequence[Sequence[tuple[Action, ActionLabels | None]]]],
+               given: dict[str, tuple[str, ...]] | None = None) -> LabelModel:
     """The reader fitted on events given as labelled steps (each event: its steps in order, each step its
-    (action, labels) pairs), every action teacher forced (`training_rows`)."""
+    (action, labels) pairs), every action teacher forced (`training_rows`); `given` as in `fit`."""
     xs, ys = [], []
     for steps in events:
         x, y = training_rows(steps)
@@ -108,7 +136,7 @@ def fit_events(events: Iterable[Sequence[Sequence[tuple[Action, ActionLabels | N
         ys += y
     if not xs:
         raise ValueError("the label reader needs at least one labelled action")
-    return fit(xs, ys)
+    return fit(xs, ys, given=given)
 
 
 def training_rows(steps: Sequence[Sequence[tuple[Action, ActionLabels | None]]]) -> tuple[list, list]:
@@ -126,22 +154,31 @@ def training_rows(steps: Sequence[Sequence[tuple[Action, ActionLabels | None]]])
     return xs, ys
 
 
-def fit(xs: list[list[float]], ys: list[ActionLabels], l2: float = 1e-3, iters: int = 200) -> LabelModel:
-    """Multinomial logistic regression per dimension (L-BFGS on the mean log-loss + l2 on the weights)."""
+def fit(xs: list[list[float]], ys: list[ActionLabels], l2: float = 1e-3, iters: int = 200,
+        given: dict[str, tuple[str, ...]] | None = None) -> LabelModel:
+    """Multinomial logistic regression per dimension (L-BFGS on the mean log-loss + l2 on the weights, the
+    bias excepted). `given[d]`: dimension d's model also reads those dimensions' labels (a conditional reader)."""
     import torch  # heavy: only when a model is fitted
 
-    x = torch.tensor(np.asarray(xs, dtype=np.float64))
-    weights, info = {}, {"n": len(xs), "features": int(x.shape[1]), "l2": l2, "log_loss": {}, "marginal_log_loss": {}}
+    given = {d: tuple(g) for d, g in (given or {}).items() if g}
+    x_all = np.asarray(xs, dtype=np.float64)
+    weights, info = {}, {"n": len(xs), "features": int(x_all.shape[1]), "l2": l2, "log_loss": {},
+                         "marginal_log_loss": {}, "given": {d: list(g) for d, g in given.items()}}
+    bias = x_all.shape[1] - 1  # state_features ends with the constant 1
     for d, cats in DIMENSIONS.items():
+        g = given.get(d, ())
+        x = torch.tensor(np.hstack([x_all, given_features([al.labels for al in ys], g)]) if g else x_all)
         y_np = np.array([cats.index(al.labels[d]) if al.labels.get(d) in cats else -1 for al in ys])
         keep = torch.tensor(y_np >= 0)
         xd, yd = x[keep], torch.tensor(y_np[y_np >= 0])
+        penalised = torch.ones(x.shape[1], 1, dtype=torch.float64)
+        penalised[bias] = 0.0
         w = torch.zeros(x.shape[1], len(cats), dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], max_iter=iters, line_search_fn="strong_wolfe")
 
-        def closure(opt=opt, w=w, xd=xd, yd=yd):
+        def closure(opt=opt, w=w, xd=xd, yd=yd, pen=penalised):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(xd @ w, yd) + l2 * (w[:-1] ** 2).sum()
+            loss = torch.nn.functional.cross_entropy(xd @ w, yd) + l2 * ((w * pen) ** 2).sum()
             loss.backward()
             return loss
 
@@ -152,7 +189,7 @@ def fit(xs: list[list[float]], ys: list[ActionLabels], l2: float = 1e-3, iters: 
             info["marginal_log_loss"][d] = float(-(freq[yd].clamp_min(1e-12)).log().mean())
         weights[d] = w.detach().numpy()
     info["gain_nats_per_action"] = sum(info["marginal_log_loss"].values()) - sum(info["log_loss"].values())
-    return LabelModel(weights, info)
+    return LabelModel(weights, info, given)
 
 
 def closed_loop(model: LabelModel, warm_steps: Sequence[Sequence[ActionLabels | None]],

@@ -127,8 +127,8 @@ def event_steps(event: Event, *, lang: str = "zh", step_size: int = 16, warmup: 
                        action_to_target(a.text, lang)) for a, lab in zip(step.actions, labs, strict=True)]
             if meanfield_for is not None:
                 meanfield_for[step.index] = mf.text
-            soft = (reader_targets(reader, shares, step.actions, lang, dims) if shares is not None and name == "mf"
-                    else None)
+            soft = (reader_targets(reader, shares, step.actions, lang, dims, labs) if shares is not None
+                    and name == "mf" else None)
             yield StepText(event.event_id, step.index, name, prefix, agents, labs, target, soft)
         if shares is not None:
             shares.update(step_labels[si])
@@ -153,11 +153,12 @@ def _per_step(plan, labels: list) -> list[list]:
 
 
 def reader_targets(reader: LabelModel, shares: ReaderShares, actions, lang: str = "zh",
-                   dims: tuple[str, ...] = HEADER_DIMS) -> np.ndarray:
+                   dims: tuple[str, ...] = HEADER_DIMS, labels: list[dict[str, str]] | None = None) -> np.ndarray:
     """[agents, header categories]: the label reader's distribution for each agent of a step, dimension after
-    dimension in `header_shares`' order (`dims`, decision.json's category order)."""
+    dimension in `header_shares`' order (`dims`, decision.json's category order). `labels`: the agents' real
+    labels, which a conditional reader reads (those of the slots its header writes first, teacher forced)."""
     f = shares.features()
-    pr = reader.probs(np.array([f + reader_state_features(a) for a in actions]))
+    pr = reader.probs(np.array([f + reader_state_features(a) for a in actions]), labels)
     cols = [pr[d][:, DIMENSIONS[d].index(c)] for d, c in header_categories(lang, dims)]
     return np.stack(cols, 1).astype(np.float32)
 

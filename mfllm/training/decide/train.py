@@ -105,6 +105,12 @@ class DecideConfig(BaseModel):
     contrast_dims: list[str] | None = Field(None, description="header dimensions a contrast copy may change (None: "
                                             "all the header names but behaviour)")
     reader_events: int = Field(600, ge=1, description="training events the reader term's label reader is fitted on")
+    # A plain reader's slot distribution is a marginal; compared with the model's slot after the real earlier
+    # slots, it flattens the header's own dependencies (v2: an empty mean field scored the header better
+    # than the event's own on sentiment, subjectivity and intent).
+    reader_conditional: bool = Field(False, description="the reader term's target for a header slot is the "
+                                     "reader's distribution given the real labels of the slots before it (a "
+                                     "conditional reader, mfllm.labels.reader `given`), not its marginal")
     probe_events: int = Field(16, ge=2, description="val events in the periodic probe")
     probe_every: int = 200
     ckpt_every: int = 100
@@ -156,12 +162,14 @@ def _fit_reader(cfg: DecideConfig, log):
         labs = iter(labeler.label([a.text for acts in steps for a in acts]))
         return [[(a, next(labs)) for a in acts] for acts in steps]
 
+    given = {d: cfg.dims[:j] for j, d in enumerate(cfg.dims)} if cfg.reader_conditional else None
     try:
-        reader = label_reader.fit_events(map(labelled, events))
+        reader = label_reader.fit_events(map(labelled, events), given=given)
     except ValueError:
         raise ConfigError(f"reader_weight: no training-split actions in {cfg.data} to fit the label reader on",
                           field="reader_weight") from None
-    log(f"reader: fitted on {reader.fit_info['n']} actions of {len(events)} training events, "
+    log(f"reader{' (conditional on the earlier header slots)' if given else ''}: fitted on "
+        f"{reader.fit_info['n']} actions of {len(events)} training events, "
         f"gain {reader.fit_info['gain_nats_per_action']:.3f} nats/action")
     return reader
 
