@@ -487,6 +487,8 @@ def test_a_conditional_reader_reads_the_labels_of_the_dimensions_given_before_it
     assert np.allclose(cond.probs(x, labels)["stance"], plain.probs(x)["stance"], atol=1e-3)  # not given anything
     with pytest.raises(ValueError, match="stance"):
         cond.probs(x)
+    back = mf_oracle.LabelModel.from_npz(cond.to_npz(), json.loads(json.dumps(cond.fit_info)))  # as the bench caches
+    assert np.allclose(back.probs(x, labels)["sentiment_state"], got)
 
 
 # ----------------------------------------------------------------------------------- pooling, end to end

@@ -122,7 +122,9 @@ class LabelModel:
 
     @classmethod
     def from_npz(cls, z, fit_info: dict) -> LabelModel:
-        return cls({d: np.asarray(z[f"w_{d}"]) for d in DIMENSIONS}, fit_info)
+        """The weights `to_npz` wrote; a conditional reader's `given` is read back from `fit_info` (`fit` keeps it there)."""
+        given = {d: tuple(g) for d, g in (fit_info.get("given") or {}).items()}
+        return cls({d: np.asarray(z[f"w_{d}"]) for d in DIMENSIONS}, fit_info, given)
 
 
 def fit_events(events: Iterable[Sequence[Sequence[tuple[Action, ActionLabels | None]]]],
