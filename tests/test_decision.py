@@ -75,6 +75,23 @@ def test_eight_dimension_header_reads_its_tokens_in_order():
         header_dims(5)
 
 
+@pytest.mark.parametrize(("line", "text"), [
+    ("【评支信悲无主观传】传】走好[蜡烛]", "走好[蜡烛]"),  # the last slot echoed and closed again
+    ("【评支信悲无主观传】传】辟辟】 走好", "走好"),  # repeatedly, spaces between
+    ("【评支信悲无主观传】【评支信悲无主观传】走好", "走好"),  # a second whole header
+    ("【评支信悲无主观传】传】", ""),  # nothing but residue: an empty text (a plain repost downstream)
+    ("【评支信悲无主观传】传说】走好", "传说】走好"),  # 说 is no label: the agent's words, kept
+    ("【评支信悲无主观传】】走好", "】走好"),  # a bare close marker holds no labels: kept
+])
+def test_header_residue_after_the_header_is_not_text(line, text):
+    """What a contrast-trained model echoes after its header (label strings closed again) is header, not
+    the agent's words: dropped from the text, kept in raw_header; the labels are the first header's."""
+    d = split_header(line, "zh")
+    assert d.text == text
+    assert d.labels == split_header("【评支信悲无主观传】x", "zh").labels
+    assert line.startswith(d.raw_header) and d.raw_header.endswith("】")
+
+
 @pytest.mark.parametrize(("line", "text", "has_raw"), [
     ("【评支】还行", "还行", True),  # malformed (two labels): stripped, recorded as missing
     ("【转评支信平】x", "x", True),  # five labels
