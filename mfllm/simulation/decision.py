@@ -158,21 +158,18 @@ def _header_like(body: str, lang: str) -> bool:
     return True
 
 
-def _header_residue(text: str, lang: str) -> int:
-    """How many leading characters of `text` (what follows a header) are header residue: label strings
-    closed by the close marker ("传】", "辟辟】"), or a second whole header, repeatedly. Decide models
-    trained with the contrast term write such an echo after ~3 % of their headers (mfllm-decide v2 on
-    val: 559 of 18,064 rollout actions); it is header, not the agent's words."""
+def _closed_labels(s: str, lang: str, opened: bool, empty: bool = False) -> int:
+    """The length of a run of label strings at the start of `s` closed by the close marker (behind the open
+    marker when `opened`), markers included; 0 when `s` does not start with one. An empty run counts only
+    when `empty` ("【】" in the header position is a malformed header; as residue, or a bare "】", text)."""
     fmt = header_format(lang)
-    cut = 0
-    while True:
-        rest = text[cut:]
-        start = len(fmt["open"]) if rest.startswith(fmt["open"]) else 0
-        end = rest.find(fmt["close"], start)
-        if end <= start or end > MAX_HEADER_CHARS or not _header_like(rest[start:end], lang):
-            return cut
-        cut += end + len(fmt["close"])
-        cut += len(text[cut:]) - len(text[cut:].lstrip())
+    start = len(fmt["open"]) if opened else 0
+    if opened and not s.startswith(fmt["open"]):
+        return 0
+    end = s.find(fmt["close"], start)
+    if end < 0 or end > MAX_HEADER_CHARS or (end == start and not empty) or not _header_like(s[start:end], lang):
+        return 0
+    return end + len(fmt["close"])
 
 
 def split_header(line: str, lang: str = "zh") -> Decision:
@@ -180,23 +177,24 @@ def split_header(line: str, lang: str = "zh") -> Decision:
 
     A line that starts with the open marker and closes it within MAX_HEADER_CHARS has a header; the
     text is what follows the close marker (leading spaces dropped), less any header residue right after
-    it (`_header_residue`, kept in `raw_header`). A header made of label strings but not exactly one
-    per dimension is recorded as missing (labels None) and still removed from the text. Anything else
-    (no header, or a bracket that holds other words) is all text.
+    it, kept in `raw_header`: label strings closed again ("传】", "辟辟】") or a second header. Decide
+    models trained with the contrast term echo their header so after ~3 % of headers (mfllm-decide v2
+    on val: 559 of 18,064 rollout actions); it is header, not the agent's words. A header made of label
+    strings but not exactly one per dimension is recorded as missing (labels None) and still removed
+    from the text. Anything else (no header, or a bracket that holds other words) is all text.
     """
     fmt = header_format(lang)
     s = line.lstrip()
-    if not s.startswith(fmt["open"]):
+    head = _closed_labels(s, lang, opened=True, empty=True)
+    if not head:  # no header, or e.g. a real text that starts with 【...】: not ours, keep it whole
         return Decision(text=line.strip(), labels=None)
-    end = s.find(fmt["close"], len(fmt["open"]))
-    if end < 0 or end > MAX_HEADER_CHARS:
-        return Decision(text=line.strip(), labels=None)
-    body = s[len(fmt["open"]):end]
-    if not _header_like(body, lang):  # e.g. a real text that starts with 【...】: not ours, keep it whole
-        return Decision(text=line.strip(), labels=None)
-    head = end + len(fmt["close"])
-    head += len(s[head:]) - len(s[head:].lstrip())
-    head += _header_residue(s[head:], lang)
+    body = s[len(fmt["open"]):head - len(fmt["close"])]
+    while True:  # the header, then any residue, each followed by spaces
+        head += len(s[head:]) - len(s[head:].lstrip())
+        more = _closed_labels(s[head:], lang, opened=s[head:].startswith(fmt["open"]))
+        if not more:
+            break
+        head += more
     return Decision(text=s[head:].strip(), labels=_parse_body(body, lang), raw_header=s[:head].rstrip())
 
 
