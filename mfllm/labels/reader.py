@@ -163,13 +163,15 @@ def fit(xs: list[list[float]], ys: list[ActionLabels], l2: float = 1e-3, iters: 
     import torch  # heavy: only when a model is fitted
 
     given = {d: tuple(g) for d, g in (given or {}).items() if g}
-    x_all = np.asarray(xs, dtype=np.float64)
+    x_all = torch.tensor(np.asarray(xs, dtype=np.float64))
     weights, info = {}, {"n": len(xs), "features": int(x_all.shape[1]), "l2": l2, "log_loss": {},
                          "marginal_log_loss": {}, "given": {d: list(g) for d, g in given.items()}}
     bias = x_all.shape[1] - 1  # state_features ends with the constant 1
+    labels = [al.labels for al in ys]
+    onehot = {g: torch.tensor(given_features(labels, (g,))) for g in {g for gs in given.values() for g in gs}}
     for d, cats in DIMENSIONS.items():
         g = given.get(d, ())
-        x = torch.tensor(np.hstack([x_all, given_features([al.labels for al in ys], g)]) if g else x_all)
+        x = torch.cat([x_all, *(onehot[k] for k in g)], 1) if g else x_all
         y_np = np.array([cats.index(al.labels[d]) if al.labels.get(d) in cats else -1 for al in ys])
         keep = torch.tensor(y_np >= 0)
         xd, yd = x[keep], torch.tensor(y_np[y_np >= 0])
