@@ -172,7 +172,7 @@ def fit(xs: list[list[float]], ys: list[ActionLabels], l2: float = 1e-3, iters: 
     for d, cats in DIMENSIONS.items():
         g = given.get(d, ())
         x = torch.cat([x_all, *(onehot[k] for k in g)], 1) if g else x_all
-        y_np = np.array([cats.index(al.labels[d]) if al.labels.get(d) in cats else -1 for al in ys])
+        y_np = np.array([cats.index(lab[d]) if lab.get(d) in cats else -1 for lab in labels])
         keep = torch.tensor(y_np >= 0)
         xd, yd = x[keep], torch.tensor(y_np[y_np >= 0])
         penalised = torch.ones(x.shape[1], 1, dtype=torch.float64)

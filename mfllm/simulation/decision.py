@@ -158,16 +158,18 @@ def _header_like(body: str, lang: str) -> bool:
     return True
 
 
-def _closed_labels(s: str, lang: str, opened: bool, empty: bool = False) -> int:
-    """The length of a run of label strings at the start of `s` closed by the close marker (behind the open
-    marker when `opened`), markers included; 0 when `s` does not start with one. An empty run counts only
-    when `empty` ("【】" in the header position is a malformed header; as residue, or a bare "】", text)."""
+def _closed_labels(s: str, lang: str, header: bool = False) -> int:
+    """The length of a run of label strings at the start of `s` closed by the close marker, markers
+    included; 0 when `s` does not start with one. In the `header` position the open marker is required
+    and an empty run counts ("【】" is a malformed header); as residue the open marker is optional and an
+    empty run (a bare "】") is text."""
     fmt = header_format(lang)
-    start = len(fmt["open"]) if opened else 0
-    if opened and not s.startswith(fmt["open"]):
+    opened = s.startswith(fmt["open"])
+    if header and not opened:
         return 0
+    start = len(fmt["open"]) if opened else 0
     end = s.find(fmt["close"], start)
-    if end < 0 or end > MAX_HEADER_CHARS or (end == start and not empty) or not _header_like(s[start:end], lang):
+    if end < 0 or end > MAX_HEADER_CHARS or (end == start and not header) or not _header_like(s[start:end], lang):
         return 0
     return end + len(fmt["close"])
 
@@ -185,13 +187,14 @@ def split_header(line: str, lang: str = "zh") -> Decision:
     """
     fmt = header_format(lang)
     s = line.lstrip()
-    head = _closed_labels(s, lang, opened=True, empty=True)
+    head = _closed_labels(s, lang, header=True)
     if not head:  # no header, or e.g. a real text that starts with 【...】: not ours, keep it whole
         return Decision(text=line.strip(), labels=None)
     body = s[len(fmt["open"]):head - len(fmt["close"])]
     while True:  # the header, then any residue, each followed by spaces
-        head += len(s[head:]) - len(s[head:].lstrip())
-        more = _closed_labels(s[head:], lang, opened=s[head:].startswith(fmt["open"]))
+        rest = s[head:].lstrip()
+        head = len(s) - len(rest)
+        more = _closed_labels(rest, lang)
         if not more:
             break
         head += more
